@@ -1,9 +1,15 @@
 """fastai_groups: parameter groups, discriminative learning rates and freeze logging for fine-tuning any CNN."""
 from .summary import Row, arch_summary, get_module, instantiate, resolve_arch, summary_rows, unwrap_model
+from .splitters import (GRANULARITIES, ParamGroups, Structure, auto_splitter, check_groups, checked, find_structure,
+                        group_names)
+from .data import FASHION_CLASSES, check_image_folder, data_home, fashion_mnist, product_sample, read_idx
+from .weights import build_model, lite0_state_dict, load_state_dict, model_stats
+from .callbacks import GradualUnfreeze, GroupLogger, GroupLRFinder, freeze_state, group_lr_find, slice_ratios
 
 __version__ = "0.1.0"
-__all__ = ["Row", "arch_summary", "get_module", "instantiate", "resolve_arch", "summary_rows", "unwrap_model"]
-from .splitters import GRANULARITIES, ParamGroups, Structure, auto_splitter, check_groups, checked, find_structure, group_names
-
-__all__ += ["GRANULARITIES", "ParamGroups", "Structure", "auto_splitter", "check_groups", "checked", "find_structure",
-            "group_names"]
+__all__ = ["Row", "arch_summary", "get_module", "instantiate", "resolve_arch", "summary_rows", "unwrap_model",
+           "GRANULARITIES", "ParamGroups", "Structure", "auto_splitter", "check_groups", "checked", "find_structure",
+           "group_names",
+           "FASHION_CLASSES", "check_image_folder", "data_home", "fashion_mnist", "product_sample", "read_idx",
+           "build_model", "lite0_state_dict", "load_state_dict", "model_stats",
+           "GradualUnfreeze", "GroupLogger", "GroupLRFinder", "freeze_state", "group_lr_find", "slice_ratios"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -107,10 +108,11 @@ class _Shape:
             self.nblocks[k] = total
         return self.nblocks[k]
 
-    def opens(self, m: nn.Module, root: bool) -> bool:
+    def opens(self, m: nn.Module, root: bool, in_sequence: bool = False) -> bool:
         """Is `m` opened into its children, or kept whole? Opened: the root, plain containers, container
-        subclasses that hold blocks (a DenseNet dense block, a RegNet stage), and stage wrappers (modules holding
-        2+ blocks)."""
+        subclasses that hold blocks (a DenseNet dense block, a RegNet stage), stage wrappers (a module with a
+        container of 2+ blocks), and modules holding 2+ blocks that are not themselves an element of a sequence
+        (a block in a sequence stays whole even when it holds sub-blocks, such as RepViT's token/channel mixers)."""
         if not m._modules:
             return False
         if root or type(m) in _CONTAINERS:
@@ -118,7 +120,13 @@ class _Shape:
         n = self.count_blocks(m)
         if isinstance(m, _CONTAINERS):
             return n >= 1
-        return n >= 2
+        if any(isinstance(c, _CONTAINERS) and self.count_blocks(c) >= 2 for c in m.children()):
+            return True
+        return n >= 2 and not in_sequence
+
+
+def _numel(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
 
 
 def _units(model: nn.Module) -> list[Unit]:
@@ -132,13 +140,18 @@ def _units(model: nn.Module) -> list[Unit]:
                 out.append(p)
         return out
 
-    def visit(m: nn.Module, name: str, root: bool):
-        if shape.opens(m, root):
+    def visit(m: nn.Module, name: str, wrapper: bool, in_sequence: bool = False):
+        # `wrapper`: the root, or a module holding most of its wrapper parent's parameters (a body inside
+        # Sequential(body, head), fastai's TimmBody(model)): opened like the root
+        if shape.opens(m, wrapper, in_sequence):
             direct = own(m._parameters.values())
             if direct:
                 units.append(Unit(name, None, direct, cls=type(m).__name__))
+            total = _numel(m) if wrapper else 0
             for cname, c in m.named_children():
-                visit(c, f"{name}.{cname}" if name else cname, False)
+                dominant = wrapper and not isinstance(c, _CONTAINERS) and 2 * _numel(c) > total and \
+                    shape.param_owners(c) >= 2
+                visit(c, f"{name}.{cname}" if name else cname, dominant, isinstance(m, _CONTAINERS))
         else:
             units.append(Unit(name, m, own(m.parameters()), block=shape.is_block(m), cls=type(m).__name__))
 
@@ -186,21 +199,23 @@ def _input_sizes(model: nn.Module) -> list[tuple]:
     if isinstance(first, nn.Conv2d):
         chans = first.in_channels
     sizes = []
-    for cfg_name in ("pretrained_cfg", "default_cfg"):
-        cfg = getattr(model, cfg_name, None)
+    for cfg_name in ("pretrained_cfg", "default_cfg"):  # timm's own input size (and channels: TResNet's first conv
+        cfg = getattr(model, cfg_name, None)          # sees 48 channels after its space-to-depth stem)
         if isinstance(cfg, dict) and cfg.get("input_size"):
-            sizes.append((chans,) + tuple(cfg["input_size"][1:]))
+            sizes.append(tuple(cfg["input_size"]))
     img = getattr(model, "image_size", None) or getattr(model, "img_size", None)
-    if isinstance(img, int):
-        sizes.append((chans, img, img))
-    elif isinstance(img, (tuple, list)) and len(img) == 2:
-        sizes.append((chans,) + tuple(img))
-    sizes += [(chans, s, s) for s in (224, 227, 299, 256, 64, 32)]
+    sides = [img] if isinstance(img, int) else []
+    sides += [224, 227, 299, 256, 64, 32]
+    for c in dict.fromkeys([chans, 3]):
+        if isinstance(img, (tuple, list)) and len(img) == 2:
+            sizes.append((c,) + tuple(img))
+        sizes += [(c, s, s) for s in sides]
     return list(dict.fromkeys(sizes))
 
 
-def _trace(model: nn.Module, units: list[Unit]) -> bool:
-    "Fill `order`, `res`, `executed` of the units from a forward pass on meta tensors. False if none worked."
+def _trace(model: nn.Module, units: list[Unit]) -> str:
+    """Fill `order`, `res`, `executed` of the units from a forward pass on meta tensors: 'complete', 'partial'
+    (it failed after some units ran: the furthest attempt is kept) or '' (nothing ran)."""
     mods = [(u, u.module) for u in units if u.module is not None]
     counter = [0]
 
@@ -222,6 +237,7 @@ def _trace(model: nn.Module, units: list[Unit]) -> bool:
             pre, post = hook(u)
             handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
         model.eval()
+        best = (0, None)  # (units reached, snapshot) of the furthest failed attempt
         for size in _input_sizes(model):
             for u in units:
                 u.executed, u.order, u.res = False, math.inf, None
@@ -236,12 +252,15 @@ def _trace(model: nn.Module, units: list[Unit]) -> bool:
                         tensors = {n: t.to("meta") for n, t in list(model.named_parameters()) +
                                    list(model.named_buffers())}
                         torch.func.functional_call(model, tensors, (x,), strict=False)
-                return True
+                return "complete"
             except Exception:
-                continue
-        for u in units:
-            u.executed, u.order, u.res = False, math.inf, None
-        return False
+                # a forward that fails late (a head that does not fit the body, a fixed input size) still tells
+                # the order and resolution of what ran before it
+                if counter[0] > best[0]:
+                    best = (counter[0], [(u.executed, u.order, u.res) for u in units])
+        for u, snap in zip(units, best[1] or [(False, math.inf, None)] * len(units)):
+            u.executed, u.order, u.res = snap
+        return "partial" if best[0] > 0 else ""
     finally:
         for h in handles:
             h.remove()
@@ -272,7 +291,8 @@ class Structure:
     stem: list = field(default_factory=list)
     stages: list = field(default_factory=list)   # list of lists of units
     head: list = field(default_factory=list)
-    traced: bool = False
+    traced: bool = False      # a forward on meta tensors ran (at least partly)
+    complete: bool = False    # ... and ran to the end
 
     @property
     def blocks(self) -> list:
@@ -297,10 +317,24 @@ def find_structure(model: Any) -> Structure:
     (['conv1', 'bn1', 'relu', 'maxpool'], 4, ['avgpool', 'fc'])
     """
     model = instantiate(model)
+    key = (tuple(map(id, model.modules())), tuple(map(id, model.parameters())))
+    hit = _CACHE.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    st = _find_structure(model)
+    _CACHE[model] = (key, st)
+    return st
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _find_structure(model: nn.Module) -> Structure:
     units = _units(model)
-    traced = _trace(model, units)
+    how = _trace(model, units)
+    traced, complete = bool(how), how == "complete"
     units = _forward_sort(units)
-    st = Structure(units=units, traced=traced)
+    st = Structure(units=units, traced=traced, complete=complete)
     if not any(u.params for u in units):
         return st
 
@@ -312,8 +346,10 @@ def find_structure(model: Any) -> Structure:
     if traced:
         feats = [i for i, u in enumerate(units) if u.res is not None and u.res > 1]
         if feats:
-            h = max(feats[-1], last_block) + 1
-            if any(u.params for u in units[h:]):
+            h = feats[-1] + 1  # a block after the last feature map is a classifier block (timm's MLP heads)
+            # a partial trace must have seen the switch from feature maps to pooled outputs
+            seen = complete or (h < len(units) and units[h].executed)
+            if seen and any(u.params for u in units[h:]):
                 head_start = h
     if head_start is None:
         # structural: the last top-level child with parameters, if it holds no block and follows the last block
@@ -351,11 +387,11 @@ def find_structure(model: Any) -> Structure:
     # units between two blocks go with the next block; units after the last block (tail) with the last stage
     stages, cur, pending, prev = [], [], [], None
     for u in body[first:]:
-        if not u.block or (traced and not u.executed):
+        if not u.block or (complete and not u.executed):  # never called (an auxiliary head): goes along
             pending.append(u)
             continue
         if prev is not None:
-            if traced and u.res is not None and prev.res is not None:
+            if u.res is not None and prev.res is not None:
                 new = u.res != prev.res
             else:
                 new = _parent(u) != _parent(prev)
@@ -373,7 +409,7 @@ def find_structure(model: Any) -> Structure:
 # Groups
 # ----------------------------------------------------------------------------------------------------------------
 def _merge(groups: list[tuple[str, list]], k: int) -> list[tuple[str, list]]:
-    "Merge neighbouring (name, units) groups into `k` groups, as evenly (by count) as possible."
+    "Merge neighbouring (name, items) groups into `k` groups, as evenly (by count) as possible."
     n = len(groups)
     if k > n:
         raise ValueError(f"asked for {k} groups but the structure gives at most {n}")
@@ -383,7 +419,7 @@ def _merge(groups: list[tuple[str, list]], k: int) -> list[tuple[str, list]]:
         part = groups[i:i + s]
         i += s
         name = part[0][0] if len(part) == 1 else f"{part[0][0]}-{part[-1][0]}"
-        out.append((name, [u for _, us in part for u in us]))
+        out.append((name, [x for _, xs in part for x in xs]))
     return out
 
 
@@ -403,8 +439,11 @@ def _block_groups(st: Structure) -> list[tuple[str, list]]:
     return groups
 
 
-def _timm_snap(model: nn.Module, groups: list[list[nn.Parameter]], coarse: bool) -> list[list[nn.Parameter]]:
-    "Never cut a group of timm's own `group_matcher`: params of a timm group split across ours move together."
+def _timm_snap(model: nn.Module, groups: list[list[nn.Parameter]], coarse: bool,
+               has_head: bool) -> tuple[list[list[nn.Parameter]], list[set]]:
+    """Never cut a group of timm's own `group_matcher`: params of a timm group split across ours move together.
+    Returns the new groups and, for each, the indices of the groups its parameters came from."""
+    last = len(groups) - 1 if has_head else None
     roots, inside = [], set()
     for name, m in model.named_modules():
         if name in inside or any(name.startswith(r + ".") for r, _ in roots if r):
@@ -413,12 +452,13 @@ def _timm_snap(model: nn.Module, groups: list[list[nn.Parameter]], coarse: bool)
             roots.append((name, m))
             if not name:
                 break
+    unchanged = (groups, [{g} for g in range(len(groups))])
     if not roots:
-        return groups
+        return unchanged
     try:
         from timm.models._manipulate import group_with_matcher
     except ImportError:
-        return groups
+        return unchanged
     where = {id(p): g for g, ps in enumerate(groups) for p in ps}
     for _, m in roots:
         try:
@@ -432,16 +472,20 @@ def _timm_snap(model: nn.Module, groups: list[list[nn.Parameter]], coarse: bool)
         for ps in members.values():
             gs = {where[id(p)] for p in ps if id(p) in where}
             if len(gs) > 1:
+                # the classifier stays last (a timm group holding it and a neck goes to the head);
+                # otherwise the group holding most of it wins (DenseNet transitions join their dense block)
                 size = {g: sum(p.numel() for p in ps if where.get(id(p)) == g) for g in gs}
-                target = max(sorted(gs), key=lambda g: size[g])
+                target = last if last in gs else max(sorted(gs), key=lambda g: size[g])
                 for p in ps:
                     if id(p) in where:
                         where[id(p)] = target
-    out = [[] for _ in groups]
+    out: list[list] = [[] for _ in groups]
+    sources: list[set] = [set() for _ in groups]
     for g, ps in enumerate(groups):
         for p in ps:
             out[where[id(p)]].append(p)
-    return out
+            sources[where[id(p)]].add(g)
+    return out, sources
 
 
 def auto_splitter(model: nn.Module, *, granularity: str = "stage", n_groups: Optional[int] = None) -> ParamGroups:
@@ -468,32 +512,31 @@ def auto_splitter(model: nn.Module, *, granularity: str = "stage", n_groups: Opt
         raise ValueError(f"{type(model).__name__} has no parameters: there is nothing to split")
 
     stem = [("stem", st.stem)] if any(u.params for u in st.stem) else []
-    if granularity == "block":
+    if granularity == "block" or (granularity == "fastai" and len(st.stages) < 2):
         body = stem + _block_groups(st)
     else:
         body = stem + [(f"stage{i + 1}", s) for i, s in enumerate(st.stages)]
-        if granularity == "fastai":
-            if len(st.stages) < 2:
-                body = stem + _block_groups(st)
-            body = [g for g in body if any(u.params for u in g[1])]
-            body = _merge(body, min(2, len(body)))
-    body = [g for g in body if any(u.params for u in g[1])]
     head = [("head", st.head)] if any(u.params for u in st.head) else []
-    named = body + head
+    named = [(n, [p for u in us for p in u.params]) for n, us in body + head]
+    # timm models declare their own grouping: never cut one of its groups (then merge, which cannot cut either)
+    snapped, sources = _timm_snap(model, [g for _, g in named], coarse=granularity != "block", has_head=bool(head))
+    emptied = {i for i, g in enumerate(snapped) if not g}
+    names = []
+    for i, src in enumerate(sources):  # a group that absorbed a whole emptied group takes its name too
+        span = sorted({i} | (src & emptied))
+        names.append(named[span[0]][0] if len(span) == 1 else f"{named[span[0]][0]}-{named[span[-1]][0]}")
+    named = [(n, g) for n, g in zip(names, snapped) if g]
+    body, head = (named[:-1], named[-1:]) if head and named[-1][0].endswith("head") else (named, [])
 
+    if granularity == "fastai":
+        body = _merge(body, min(2, len(body)))
+    named = body + head
     if n_groups is not None:
         if n_groups > len(named):
             raise ValueError(f"n_groups={n_groups} is more than {type(model).__name__} can give at granularity "
                              f"{granularity!r}: at most {len(named)} ({', '.join(n for n, _ in named)})")
-        if head and n_groups >= 2:
-            named = _merge(body, n_groups - 1) + head
-        else:
-            named = _merge(named, n_groups)
-
-    groups = [[p for u in us for p in u.params] for _, us in named]
-    groups = _timm_snap(model, groups, coarse=granularity != "block")
-    names = [n for (n, _), g in zip(named, groups) if g]
-    return ParamGroups([g for g in groups if g], names=names)
+        named = _merge(body, n_groups - 1) + head if head and n_groups >= 2 else _merge(named, n_groups)
+    return ParamGroups([g for _, g in named], names=[n for n, _ in named])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,517 @@
+"""Callbacks that make parameter groups visible and schedulable during fastai training.
+
+- `GroupLogger`: records, for every training batch and every parameter group of `learn.opt`, the hyper-parameters
+  in effect for that step (`lr`, `mom`, `wd`, ...) and the freeze state read from `requires_grad`; exposes them as a
+  long DataFrame (`learn.group_logger.history`), an optional CSV file written as training goes, a table printed at
+  the start of each fit, and a plot.
+- `GradualUnfreeze`: ULMFiT-style schedule that unfreezes one more group (head backwards) every few epochs.
+- `group_lr_find`: fastai's learning-rate finder where every group follows the ratios of `slice(lr/lr_mult, lr)`.
+
+Fastai itself only keeps the last group's lr (`Recorder.lrs`); its TensorBoard / W&B callbacks log every hyper of
+every group (`lr_0`, `mom_1`, ...) but no freeze state, which is what `GroupLogger` adds to them (`trainable_{i}`).
+"""
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+from numbers import Real
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.schedule import LRFinder, ParamScheduler, SchedExp, valley
+from fastai.learner import Learner
+from fastai.torch_core import rank_distrib, tensor
+from fastcore.basics import even_mults
+
+from .splitters import group_names
+
+__all__ = ["GroupLogger", "GradualUnfreeze", "GroupLRFinder", "group_lr_find", "slice_ratios", "freeze_state"]
+
+TRAINABLE, PARTIAL, FROZEN = "trainable", "partial", "frozen"
+_FIXED_HEAD = ("iter", "epoch", "fit", "group", "name")
+_FIXED_TAIL = ("params", "trainable", "state")
+
+
+def slice_ratios(n: int, lr_mult: float) -> list[float]:
+    """The lr of each of `n` groups relative to the last one, as fastai spreads `slice(lr/lr_mult, lr)`
+    (`even_mults`: geometric steps from `1/lr_mult` to `1`).
+
+    >>> [round(r, 4) for r in slice_ratios(3, 100)]
+    [0.01, 0.1, 1.0]
+    """
+    if n < 1:
+        raise ValueError(f"need at least one group, got {n}")
+    if n == 1:
+        return [1.0]
+    return [float(r) for r in even_mults(1 / lr_mult, 1.0, n)]
+
+
+def freeze_state(trainable: int, params: int) -> str:
+    """`"trainable"` when every element of a group requires grad, `"frozen"` when none does, `"partial"` otherwise
+    (typically a frozen group whose BatchNorm layers stay trainable, fastai's `train_bn=True`).
+
+    >>> freeze_state(10, 10), freeze_state(0, 10), freeze_state(3, 10)
+    ('trainable', 'frozen', 'partial')
+    """
+    if trainable == params:
+        return TRAINABLE
+    return FROZEN if trainable == 0 else PARTIAL
+
+
+def _is_hyper(v) -> bool:
+    "Numbers only: optimizer flags (`amsgrad`, `foreach`, ...) are constant noise for a log."
+    return isinstance(v, (Real, np.number)) and not isinstance(v, (bool, np.bool_))
+
+
+def _active(cb: Callback) -> bool:
+    "A real training run: not `lr_find`, not `get_preds` / `summary` (they add `GatherPredsCallback`)."
+    return not hasattr(cb.learn, "lr_finder") and not hasattr(cb.learn, "gather_preds")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    "What stays constant between freeze changes: hyper keys, names, sizes, trainable counts and states per group."
+    keys: tuple
+    names: tuple
+    params: tuple
+    trainable: tuple
+    state: tuple
+
+
+class GroupLogger(Callback):
+    """Log the hyper-parameters and the freeze state of every parameter group at every training batch.
+
+    One row per (iteration, group) in `learn.group_logger.history`, with columns `iter` (global training iteration,
+    counted across fits), `epoch`, `fit` (0-based index of the fit call: `fine_tune`'s frozen and unfrozen phases
+    are fits 0 and 1), `group`, `name` (from a splitter that names its groups, such as `auto_splitter`, else
+    `group{i}`), every numeric hyper of `learn.opt.hypers[i]` (`lr`, `mom`, `wd`, `sqr_mom`, `eps`, ...), `params`
+    (parameter elements), `trainable` (elements that require grad) and `state` (`trainable`, `frozen`, or `partial`
+    for a frozen group whose BatchNorm stays trainable).
+
+    Values are read in `after_batch`, after every `before_batch` (where `ParamScheduler` sets them) and after the
+    optimizer step: they are the values the step used. The freeze state comes from `requires_grad`, never from
+    `opt.frozen_idx`; it is re-read at the start of each fit and of each training epoch, at a batch where
+    `opt.frozen_idx` or the optimizer changed (a `freeze_to` from another callback), when `refresh()` is called
+    (`GradualUnfreeze` does), or at every batch with `scan_every_batch=True`. Inert during `lr_find`,
+    `learn.summary()`, `get_preds`, `validate`; files are written on rank 0 only.
+
+    Args:
+        fname: CSV file (relative to `learn.path`) the history is also written to, appended at each epoch end and
+            at the end of each fit, so an interrupted run keeps its log. Example: `GroupLogger("groups.csv")`.
+        show_table: print a table of the groups (name, params, trainable, state, lr of the first step) at the
+            start of each fit and whenever the freeze state changes within a fit. Example: `show_table=False`.
+        scan_every_batch: re-read `requires_grad` at every batch instead of at the events above, for code that
+            flips `requires_grad` by hand in the middle of an epoch (costs a pass over the parameters per batch).
+
+    Example::
+
+        learn = Learner(dls, model, splitter=auto_splitter, cbs=GroupLogger("groups.csv"))
+        learn.fine_tune(3, 1e-3)
+        learn.group_logger.history.query("group == 0")[["iter", "lr", "state"]]
+        learn.group_logger.plot().savefig("lrs.png")
+    """
+    order, run_valid = ParamScheduler.order + 2, False
+
+    def __init__(self, fname: Optional[str] = None, show_table: bool = True, scan_every_batch: bool = False):
+        self.fname, self.show_table, self.scan_every_batch = fname, show_table, scan_every_batch
+        self._records: list = []       # (iter, epoch, fit, layout index, hyper values of all groups, flattened)
+        self._layouts: list = []       # _Layout, referenced by index from the records
+        self._n_iter, self._n_fit = 0, 0
+        self._written, self._csv_cols = 0, None
+        self._reset_fit()
+
+    def _reset_fit(self):
+        self._in_fit, self._layout, self._sig, self._flags, self._numels = False, None, None, None, None
+        self._names, self._table_due, self._extra = None, False, ()
+
+    # ---------------------------------------------------------------------------------------------------- events
+    def before_fit(self):
+        "Decide whether this is a real training run; the fit itself starts at its first `before_train`."
+        self._reset_fit()
+        self.run = _active(self)
+
+    def before_train(self):
+        "Start a fit (`validate`/`get_preds` call `before_fit` too, but never `before_train`), re-read freeze state."
+        if not self._in_fit:
+            self._in_fit, self._fit_idx = True, self._n_fit
+            self._n_fit += 1
+            self._names = self._find_names()
+            self._extra = self._loggers()
+            self._table_due = True
+        self.refresh()
+
+    def after_batch(self):
+        "Record this step's hypers per group (plain Python values, no tensor reads)."
+        if not self._in_fit:
+            return
+        opt = self.learn.opt
+        if self.scan_every_batch or self._sig != (id(opt), getattr(opt, "frozen_idx", None)):
+            self.refresh()
+        lay = self._layouts[self._layout]
+        vals = tuple([h.get(k) for h in opt.hypers for k in lay.keys])
+        self._records.append((self._n_iter, self.learn.epoch, self._fit_idx, self._layout, vals))
+        self._n_iter += 1
+        if self._table_due:
+            self._table_due = False
+            if self.show_table and rank_distrib() == 0:
+                print(self.table(len(self._records) - 1))
+        if self._extra:
+            self._log_extra(lay)
+
+    def after_epoch(self):
+        "Append the new rows to the CSV file."
+        if self._in_fit:
+            self.flush()
+
+    def after_fit(self):
+        "Append the new rows to the CSV file and close the fit."
+        if self._in_fit:
+            self.flush()
+        self._reset_fit()
+
+    # ----------------------------------------------------------------------------------------------- freeze state
+    def refresh(self) -> bool:
+        """Re-read `requires_grad` (and the hyper keys) of every group; start a new layout when anything changed,
+        and print the table again at the next batch when the freeze state changed within the fit. Returns whether
+        anything changed. Call it after changing `requires_grad` by hand in the middle of an epoch."""
+        if not self._in_fit:
+            return False
+        opt = self.learn.opt
+        pls, hypers = opt.param_lists, opt.hypers
+        if self._sig is None or self._sig[0] != id(opt):
+            self._numels = None                                        # a new optimizer: sizes to recount
+        self._sig = (id(opt), getattr(opt, "frozen_idx", None))       # cheap trigger only, never the state
+        flags = tuple(tuple(p.requires_grad for p in pg) for pg in pls)
+        keys = self._hyper_keys(hypers)
+        prev = self._layouts[self._layout] if self._layout is not None else None
+        if prev is not None and flags == self._flags and keys == prev.keys:
+            return False
+        if self._numels is None:
+            self._numels = [[p.numel() for p in pg] for pg in pls]
+        params = tuple(sum(ns) for ns in self._numels)
+        trainable = tuple(sum(n for n, f in zip(ns, fs) if f) for ns, fs in zip(self._numels, flags))
+        state = tuple(freeze_state(t, n) for t, n in zip(trainable, params))
+        self._flags = flags
+        self._layouts.append(_Layout(keys, tuple(self._names), params, trainable, state))
+        self._layout = len(self._layouts) - 1
+        if prev is not None and (prev.trainable != trainable):
+            self._table_due = True
+        return True
+
+    @staticmethod
+    def _hyper_keys(hypers) -> tuple:
+        keys = []
+        for h in hypers:
+            keys += [k for k, v in h.items() if k not in keys and _is_hyper(v)]
+        return tuple(sorted(keys, key=lambda k: k != "lr"))   # lr first, then the optimizer's own order
+
+    def _find_names(self) -> list[str]:
+        "Names from the learner's splitter when its groups are, by identity, the optimizer's ones; else `group{i}`."
+        pls = self.learn.opt.param_lists
+        default = [f"group{i}" for i in range(len(pls))]
+        try:
+            groups = self.learn.splitter(self.learn.model)
+        except Exception:
+            return default
+        if not isinstance(groups, Sequence) or len(groups) != len(pls):
+            return default
+        for g, pg in zip(groups, pls):
+            if not isinstance(g, (list, tuple)) or len(g) != len(pg) or any(a is not b for a, b in zip(g, pg)):
+                return default
+        return group_names(groups)
+
+    # ------------------------------------------------------------------------------------ tensorboard / wandb
+    def _loggers(self) -> tuple:
+        "fastai's TensorBoard/W&B callbacks already log every hyper per group (`lr_0`, ...); add the freeze state."
+        out = []
+        tb = getattr(self.learn, "tensor_board", None)
+        if tb is not None and getattr(tb, "run", False) and hasattr(tb, "writer"):
+            out.append("tensor_board")
+        wb = getattr(self.learn, "wandb", None)
+        if wb is not None and getattr(wb, "run", False) and hasattr(wb, "_wandb_step"):
+            out.append("wandb")
+        return tuple(out)
+
+    def _log_extra(self, lay: _Layout):
+        fracs = {f"trainable_{i}": (t / n if n else 0.0) for i, (t, n) in enumerate(zip(lay.trainable, lay.params))}
+        if "tensor_board" in self._extra:
+            writer = self.learn.tensor_board.writer
+            for k, v in fracs.items():
+                writer.add_scalar(k, v, self.learn.train_iter)
+        if "wandb" in self._extra:
+            import wandb
+            wandb.log(fracs, step=self.learn.wandb._wandb_step)
+
+    # -------------------------------------------------------------------------------------------------- output
+    def _columns(self, layouts=None) -> list[str]:
+        keys = []
+        for lay in (self._layouts if layouts is None else layouts):
+            keys += [k for k in lay.keys if k not in keys]
+        return [*_FIXED_HEAD, *keys, *_FIXED_TAIL]
+
+    def _frame(self, start: int = 0) -> pd.DataFrame:
+        "Rows of the records from `start` on; vectorised per layout (layouts are used in contiguous runs)."
+        cols = self._columns()
+        recs = self._records[start:]
+        ints = ("iter", "epoch", "fit", "group", "params", "trainable")
+        if not recs:
+            return pd.DataFrame({c: pd.Series(dtype="int64" if c in ints else float if c not in ("name", "state")
+                                              else object) for c in cols})
+        head = np.array([r[:4] for r in recs], dtype=np.int64)          # iter, epoch, fit, layout
+        cuts = np.flatnonzero(np.diff(head[:, 3])) + 1
+        parts = []
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(recs)]):
+            lay = self._layouts[head[a, 3]]
+            m, n, nk = b - a, len(lay.names), len(lay.keys)
+            vals = np.array([r[4] for r in recs[a:b]], dtype=float).reshape(m, n, nk)   # None -> nan
+            part = {c: np.repeat(head[a:b, j], n) for j, c in enumerate(("iter", "epoch", "fit"))}
+            part["group"] = np.tile(np.arange(n, dtype=np.int64), m)
+            part["name"] = np.tile(np.array(lay.names, dtype=object), m)
+            for j, k in enumerate(lay.keys):
+                part[k] = vals[:, :, j].ravel()
+            for k in _FIXED_TAIL:
+                part[k] = np.tile(np.array(getattr(lay, k), dtype=np.int64 if k != "state" else object), m)
+            parts.append(pd.DataFrame(part))
+        df = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+        return df.reindex(columns=cols)
+
+    @property
+    def history(self) -> pd.DataFrame:
+        "All recorded rows: one per (training iteration, group), see the class docstring for the columns."
+        return self._frame()
+
+    def flush(self):
+        "Write the rows not yet in the CSV file (rank 0 only); rewrites the file when its columns changed."
+        if not self.fname or rank_distrib() != 0 or self._written >= len(self._records):
+            return
+        path = Path(self.learn.path) / self.fname
+        cols = self._columns()
+        if cols != self._csv_cols or not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._frame().to_csv(path, index=False)
+        else:
+            self._frame(self._written).to_csv(path, mode="a", header=False, index=False)
+        self._written, self._csv_cols = len(self._records), cols
+
+    def table(self, record: int = -1) -> str:
+        "The groups at a recorded iteration (default: the last) as printed at the start of a fit."
+        it, ep, fit, li, vals = self._records[record]
+        lay = self._layouts[li]
+        nk = len(lay.keys)
+        lrs = [dict(zip(lay.keys, vals[g * nk:(g + 1) * nk])).get("lr") for g in range(len(lay.names))]
+        w = max([4] + [len(n) for n in lay.names])
+        lines = [f"GroupLogger: fit {fit}, epoch {ep}, iter {it}",
+                 f"{'group':>5}  {'name':<{w}}  {'params':>12}  {'trainable':>12}  {'state':<9}  {'lr':>9}"]
+        for g, name in enumerate(lay.names):
+            lr = f"{lrs[g]:.2e}" if lrs[g] is not None else "-"
+            lines.append(f"{g:>5}  {name:<{w}}  {lay.params[g]:>12,}  {lay.trainable[g]:>12,}  "
+                         f"{lay.state[g]:<9}  {lr:>9}")
+        return "\n".join(lines)
+
+    def plot(self, figsize: Optional[tuple] = None):
+        """Per-group lr against iterations (log scale, dotted where the group is frozen) above a freeze map: one
+        band per group, white where it trains, hatched light grey where partial (BatchNorm only), grey where
+        frozen. Dashed vertical lines separate fits. Returns the matplotlib Figure.
+
+        Example: `learn.group_logger.plot().savefig("group_lr.png", dpi=120)`."""
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch, Rectangle
+
+        df = self.history
+        if df.empty:
+            raise ValueError("GroupLogger has recorded nothing yet: train first")
+        n = int(df["group"].max()) + 1
+        names = df.drop_duplicates("group", keep="last").sort_values("group")["name"].tolist()
+        iters = np.sort(df["iter"].unique())
+        lr = df.pivot(index="iter", columns="group", values="lr").reindex(iters)
+        state = df.pivot(index="iter", columns="group", values="state").reindex(iters)
+        fits = df.drop_duplicates("fit")["iter"].tolist()[1:]
+
+        small = "small" if n <= 16 else "x-small"
+        fig, (ax, axm) = plt.subplots(2, 1, sharex=True, figsize=figsize or (11, 5 + 0.15 * n),
+                                      gridspec_kw=dict(height_ratios=[3, 0.6 + n / 8]))
+        cmap = plt.get_cmap("tab10" if n <= 10 else "viridis")
+        colors = [cmap(i) if n <= 10 else cmap(i / (n - 1)) for i in range(n)]
+        cuts = np.searchsorted(iters, fits)               # break the lines between fits
+        x = np.insert(iters.astype(float), cuts, np.nan)
+        for g in range(n):
+            y = lr[g].to_numpy(dtype=float)
+            frozen = (state[g] == FROZEN).to_numpy()
+            dotted = frozen.copy()                       # overlap one point so the two styles join
+            dotted[1:] |= frozen[:-1]
+            dotted[:-1] |= frozen[1:]
+            ax.plot(x, np.insert(np.where(frozen, np.nan, y), cuts, np.nan), color=colors[g], lw=1.6,
+                    label=f"{g}: {names[g]}")
+            if frozen.any():
+                ax.plot(x, np.insert(np.where(dotted, y, np.nan), cuts, np.nan), color=colors[g], lw=1, ls=":")
+            for st, style in ((PARTIAL, dict(facecolor="#e0e0e0", hatch="///", edgecolor="#8c8c8c")),
+                              (FROZEN, dict(facecolor="#9e9e9e", edgecolor="none"))):
+                for a, b in _runs((state[g] == st).to_numpy()):
+                    axm.add_patch(Rectangle((iters[a] - 0.5, g - 0.5), iters[b - 1] - iters[a] + 1, 1, lw=0, **style))
+        ax.set_yscale("log")
+        ax.set_ylabel("learning rate")
+        ax.set_title("Learning rate per parameter group (dotted: group frozen)")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=small, ncol=max(1, math.ceil(n / 16)),
+                  title="group", frameon=False)
+        axm.set_xlim(iters[0] - 0.5, iters[-1] + 0.5)
+        axm.set_ylim(n - 0.5, -0.5)
+        axm.set_yticks(range(n))
+        axm.set_yticklabels(names, fontsize=small)
+        axm.set_xlabel("iteration")
+        axm.set_title("freeze state", fontsize="medium")
+        axm.legend(handles=[Patch(facecolor="white", edgecolor="k", label=TRAINABLE),
+                            Patch(facecolor="#e0e0e0", edgecolor="#8c8c8c", hatch="///", label=PARTIAL),
+                            Patch(facecolor="#9e9e9e", edgecolor="k", label=FROZEN)],
+                   loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+        for i, x0 in enumerate([iters[0]] + fits):
+            for a in (ax, axm):
+                if i:
+                    a.axvline(x0 - 0.5, color="k", ls="--", lw=0.8)
+            ax.annotate(f"fit {int(df.loc[df['iter'] == x0, 'fit'].iloc[0])}", (x0 - 0.5, 1.0),
+                        xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points",
+                        fontsize="small", color="0.3")
+        fig.tight_layout()
+        return fig
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    "Half-open index ranges `[a, b)` where `mask` is True."
+    d = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)))
+
+
+class GradualUnfreeze(Callback):
+    """ULMFiT-style gradual unfreezing: at the start of a fit only the last `start` groups train, then every
+    `every` epochs one more group, from the head backwards, through `learn.freeze_to(-k)`.
+
+    `freeze_to` keeps the per-group rates (a `slice` passed to `fit_one_cycle`) and honours `learn.train_bn`
+    (BatchNorm of frozen groups stays trainable); like fastai's, it clears the optimizer state. The schedule follows
+    `learn.epoch`, so a resumed fit (`start_epoch`) starts at the right stage. Apply it to one fit
+    (`fit_one_cycle(5, slice(1e-5, 1e-3), cbs=GradualUnfreeze())`), not to `fine_tune`, whose second fit would
+    start frozen again. A `GroupLogger` present is told of each change, so its history shows it at that iteration.
+
+    Args:
+        every: epochs between two unfreezes. Example: `every=2` unfreezes a group at epochs 2, 4, ...
+        start: groups trainable in the first epoch, counted from the head; default 1 (`freeze_to(-1)`).
+            Example: `start=2` trains the head and the last body group first.
+        lr_mult: if given, the lrs are re-spread at every batch as `slice(lr/lr_mult, lr)` would, `lr` being the
+            last group's current (scheduled) lr, so every group's rate follows the schedule. Example: `lr_mult=2.6**4`.
+    """
+    order, run_valid = ParamScheduler.order + 1, False
+
+    def __init__(self, every: int = 1, start: Optional[int] = None, lr_mult: Optional[float] = None):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        if start is not None and start < 1:
+            raise ValueError(f"start must be >= 1, got {start}")
+        if lr_mult is not None and lr_mult <= 0:
+            raise ValueError(f"lr_mult must be > 0, got {lr_mult}")
+        self.every, self.start, self.lr_mult = every, start, lr_mult
+        self._k = None
+
+    def before_fit(self):
+        "Inert in `lr_find`, `get_preds`, `summary`."
+        self._k = None
+        self.run = _active(self)
+
+    def n_trainable(self, epoch: int, n_groups: int) -> int:
+        "How many groups (from the head) train at `epoch`."
+        return min(n_groups, (self.start or 1) + epoch // self.every)
+
+    def before_train(self):
+        "Freeze up to the groups of this epoch's stage."
+        n = len(self.learn.opt.param_lists)
+        k = self.n_trainable(self.learn.epoch, n)
+        if k == self._k:
+            return
+        self._k = k
+        self.learn.freeze_to(-k if k < n else 0)
+        logger = getattr(self.learn, "group_logger", None)
+        if isinstance(logger, GroupLogger):
+            logger.refresh()
+
+    def before_batch(self):
+        "Re-spread the lrs (after `ParamScheduler` set them) when `lr_mult` is given."
+        if self.lr_mult is None:
+            return
+        opt = self.learn.opt
+        n = len(opt.hypers)
+        if n > 1:
+            top = opt.hypers[-1]["lr"]
+            opt.set_hyper("lr", [top * r for r in slice_ratios(n, self.lr_mult)])
+
+
+class GroupLRFinder(LRFinder):
+    """fastai's `LRFinder` where the sweep sets the last group's lr and every other group follows the ratios of
+    `slice(lr/lr_mult, lr)`. It registers as `learn.lr_finder`, so callbacks that stay inert in `lr_find`
+    (`GroupLogger`, TensorBoard, W&B) stay inert here too. See `group_lr_find` for the arguments."""
+
+    def __init__(self, lr_mult: float = 100, start_lr: float = 1e-7, end_lr: float = 10, num_it: int = 100,
+                 stop_div: bool = True):
+        super().__init__(start_lr=start_lr, end_lr=end_lr, num_it=num_it, stop_div=stop_div)
+        self.lr_mult, self.start_lr, self.end_lr = lr_mult, start_lr, end_lr
+
+    @property
+    def name(self):
+        return "lr_finder"
+
+    def before_fit(self):
+        "Build the per-group exponential schedules, then save the model like fastai's `LRFinder`."
+        r = np.array(slice_ratios(len(self.learn.opt.param_lists), self.lr_mult))
+        self.scheds = {"lr": SchedExp(self.start_lr * r, self.end_lr * r)}
+        super().before_fit()
+
+
+def group_lr_find(learn: Learner, lr_mult: float = 100, start_lr: float = 1e-7, end_lr: float = 10,
+                  num_it: int = 100, stop_div: bool = True, show_plot: bool = True,
+                  suggest_funcs: Sequence[Callable] | Callable | None = (valley,)):
+    """Learning-rate range test for discriminative rates: like `learn.lr_find()`, but the sweep sets the last
+    group's lr and every group `i` of `n` gets `lr * slice_ratios(n, lr_mult)[i]`, exactly what
+    `fit_one_cycle(..., slice(lr/lr_mult, lr))` will use. Model and optimizer are restored afterwards.
+
+    Args:
+        learn: the `Learner` (with its parameter groups, e.g. `splitter=auto_splitter`).
+        lr_mult: ratio between the last and the first group's lr. Example: `lr_mult=100` for `slice(lr/100, lr)`.
+        start_lr: the last group's lr at the start of the sweep. Example: `1e-7`.
+        end_lr: the last group's lr at the end of the sweep. Example: `10`.
+        num_it: number of iterations of the sweep. Example: `100`.
+        stop_div: stop when the loss diverges (4x the best smoothed loss).
+        show_plot: plot the loss against the last group's lr, with the suggestions.
+        suggest_funcs: fastai suggestion functions (`valley`, `slide`, `minimum`, `steep`), or None.
+
+    Returns:
+        A `SuggestedLRs` named tuple (one field per suggestion function) of lrs for the last group, or None when
+        `suggest_funcs` is None. Example: `lr = group_lr_find(learn).valley; learn.fit_one_cycle(3, slice(lr/100, lr))`.
+    """
+    n_epoch = num_it // len(learn.dls.train) + 1
+    cb = GroupLRFinder(lr_mult=lr_mult, start_lr=start_lr, end_lr=end_lr, num_it=num_it, stop_div=stop_div)
+    with learn.no_logging():
+        learn.fit(n_epoch, cbs=cb)
+    rec = learn.recorder
+    xlabel = f"learning rate of the last group (group i: lr x slice_ratios(n, {lr_mult:g})[i])"
+    if suggest_funcs is None:
+        if show_plot:
+            _plot_sweep(rec, xlabel)
+        return None
+    lrs = tensor([float(o) for o in rec.lrs[num_it // 10:-5]])
+    losses = tensor([float(o) for o in rec.losses[num_it // 10:-5]])
+    nan = torch.nonzero(torch.isnan(losses))
+    if len(nan):
+        lrs, losses = lrs[:int(nan[0])], losses[:int(nan[0])]
+    funcs = suggest_funcs if isinstance(suggest_funcs, (list, tuple)) else (suggest_funcs,)
+    nms = [getattr(f, "func", f).__name__ for f in funcs]
+    found = [f(lrs, losses, num_it) for f in funcs]
+    if show_plot:
+        _plot_sweep(rec, xlabel, [p for _, p in found], nms)
+    return collections.namedtuple("SuggestedLRs", nms)(*[lr for lr, _ in found])
+
+
+def _plot_sweep(rec, xlabel: str, suggestions=None, nms=None):
+    import matplotlib.pyplot as plt
+    rec.plot_lr_find(suggestions=suggestions, nms=nms)
+    plt.gca().set_xlabel(xlabel)

@@ -1,0 +1,361 @@
+"""GroupLogger, GradualUnfreeze and group_lr_find on real fastai Learners (tiny residual CNN, 32 px PNGs)."""
+import math
+import pickle
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import fastai.callback.hook  # noqa: F401  (adds Learner.summary)
+import pytest
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.progress import ProgressCallback
+from fastai.learner import Learner, load_learner
+from fastai.vision.data import ImageDataLoaders
+from PIL import Image
+from torch import nn
+
+from fastai_groups.callbacks import (GradualUnfreeze, GroupLogger, freeze_state, group_lr_find, slice_ratios)
+from fastai_groups.splitters import auto_splitter
+
+SPLIT3 = partial(auto_splitter, granularity="fastai")
+N_GROUPS = 3
+
+
+# ------------------------------------------------------------------------------------------------------- fixtures
+def _conv_bn(ci, co, stride):
+    return nn.Sequential(nn.Conv2d(ci, co, 3, stride, 1, bias=False), nn.BatchNorm2d(co), nn.ReLU())
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ci, co, stride):
+        super().__init__()
+        self.a = _conv_bn(ci, co, stride)
+        self.b = nn.Sequential(nn.Conv2d(co, co, 3, 1, 1, bias=False), nn.BatchNorm2d(co))
+        self.down = (nn.Sequential(nn.Conv2d(ci, co, 1, stride, bias=False), nn.BatchNorm2d(co))
+                     if stride != 1 or ci != co else nn.Identity())
+
+    def forward(self, x):
+        return torch.relu(self.b(self.a(x)) + self.down(x))
+
+
+def tiny_resnet(n_out=3):
+    "stem, three one-block stages, BN + linear head: 3 groups at granularity 'fastai'."
+    body = nn.Sequential(_conv_bn(3, 8, 2), nn.Sequential(ResBlock(8, 8, 1)), nn.Sequential(ResBlock(8, 16, 2)),
+                         nn.Sequential(ResBlock(16, 32, 2)))
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(32), nn.Linear(32, n_out))
+    return nn.Sequential(body, head)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    "The tiny model trains fastest on one thread, and a busy 2-core runner makes OpenMP threads spin; restored after."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    "3 classes of noisy solid-colour 32 px PNGs: 12 train + 4 valid images per class."
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("valid", 4)):
+        for cls, rgb in {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}.items():
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                a = np.clip(np.array(rgb) + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(a).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def make_learner(root, cbs=(), splitter=SPLIT3, **kwargs):
+    torch.manual_seed(0)
+    dls = ImageDataLoaders.from_folder(root, train="train", valid="valid", bs=8, num_workers=0)
+    learn = Learner(dls, tiny_resnet(), splitter=splitter, cbs=list(cbs), **kwargs)
+    learn.remove_cb(ProgressCallback)
+    return learn
+
+
+class StepProbe(Callback):
+    "Test-only: per training batch, the hypers seen in `before_step` and the requires_grad counts after GroupLogger."
+    order = GroupLogger.order + 1
+
+    def __init__(self):
+        self.lrs, self.counts, self.n_batches = [], [], 0
+
+    def before_step(self):
+        self.lrs.append([h["lr"] for h in self.learn.opt.hypers])
+
+    def after_batch(self):
+        if self.learn.training:
+            self.n_batches += 1
+            self.counts.append([sum(p.numel() for p in pg if p.requires_grad) for pg in self.learn.opt.param_lists])
+
+
+def per_group(df, col):
+    "(n_iters, n_groups) array of `col`."
+    return df.pivot(index="iter", columns="group", values=col).to_numpy()
+
+
+@pytest.fixture(scope="module")
+def tuned(image_folder):
+    "A 3-group learner after `fine_tune(1)` with a GroupLogger writing groups.csv (shared by several tests)."
+    probe = StepProbe()
+    learn = make_learner(image_folder, cbs=[GroupLogger("groups.csv"), probe])
+    learn.fine_tune(1, base_lr=1e-3)
+    return learn, probe
+
+
+# ----------------------------------------------------------------------------------------------------------- unit
+def test_helpers():
+    assert slice_ratios(1, 100) == [1.0]
+    assert np.allclose(slice_ratios(3, 100), [0.01, 0.1, 1.0])
+    assert np.allclose(slice_ratios(5, 16), [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1])
+    assert [freeze_state(*a) for a in [(5, 5), (0, 5), (1, 5)]] == ["trainable", "frozen", "partial"]
+    with pytest.raises(ValueError):
+        GradualUnfreeze(every=0)
+
+
+# ------------------------------------------------------------------------------------------------------ GroupLogger
+def test_fine_tune_rates_states_counts(tuned):
+    learn, probe = tuned
+    df = learn.group_logger.history
+    n_batches = len(learn.dls.train)
+    assert list(df.columns[:5]) == ["iter", "epoch", "fit", "group", "name"]
+    assert list(df.columns[-3:]) == ["params", "trainable", "state"]
+    assert {"lr", "mom", "wd", "sqr_mom", "eps"} <= set(df.columns)
+    assert len(df) == 2 * n_batches * N_GROUPS
+    assert df["iter"].tolist() == [i for i in range(2 * n_batches) for _ in range(N_GROUPS)]
+    assert df.groupby("fit")["iter"].nunique().tolist() == [n_batches, n_batches]
+    assert (df["epoch"] == 0).all()
+    assert df["name"].iloc[:N_GROUPS].tolist() == auto_splitter(learn.model, granularity="fastai").names
+
+    lr = per_group(df, "lr")
+    fit = df.pivot(index="iter", columns="group", values="fit").to_numpy()[:, 0]
+    # fine_tune: freeze phase slice(base_lr) -> [lr/10, lr/10, lr]; then slice(base_lr/2/100, base_lr/2)
+    assert np.allclose(lr[fit == 0] / lr[fit == 0, -1:], [0.1, 0.1, 1.0])
+    assert np.allclose(lr[fit == 1] / lr[fit == 1, -1:], [0.01, 0.1, 1.0])
+    # one-cycle starts: lr_max/div, with div=25 in the freeze phase, and div=5, lr_max=base_lr/2 after
+    assert math.isclose(lr[fit == 0, -1][0], 1e-3 / 25, rel_tol=1e-9)
+    assert math.isclose(lr[fit == 1, -1][0], 1e-3 / 2 / 5, rel_tol=1e-9)
+    # the values logged are those the optimizer step used
+    assert np.array_equal(lr, np.array(probe.lrs))
+    # trainable counts are the model's requires_grad counts at every step; train_bn keeps frozen BN trainable
+    assert np.array_equal(per_group(df, "trainable"), np.array(probe.counts))
+    state = per_group(df, "state")
+    assert (state[fit == 0] == ["partial", "partial", "trainable"]).all()
+    assert (state[fit == 1] == "trainable").all()
+    assert (per_group(df, "params") == [sum(p.numel() for p in pg) for pg in learn.opt.param_lists]).all()
+
+
+def test_table_printed_once_per_fit(image_folder, capsys):
+    learn = make_learner(image_folder, cbs=[GroupLogger()])
+    learn.freeze()
+    learn.fit(1, lr=slice(1e-3))
+    out = capsys.readouterr().out
+    assert out.count("GroupLogger: fit 0") == 1
+    assert "stem-stage1" in out and "partial" in out and "1.00e-04" in out
+    learn.group_logger.show_table = False
+    learn.fit(1, lr=1e-3)
+    assert "GroupLogger" not in capsys.readouterr().out
+
+
+def test_csv_equals_dataframe(tuned):
+    learn, _ = tuned
+    df = learn.group_logger.history
+    csv = pd.read_csv(learn.path / "groups.csv")
+    pd.testing.assert_frame_equal(csv, df, check_dtype=False)
+    assert len(csv) == len(df)
+
+
+class CrashAt(Callback):
+    "Test-only: an error (not a fastai Cancel*) in the second epoch, so `after_epoch`/`after_fit` never run."
+    order = 0
+
+    def before_batch(self):
+        if self.learn.training and self.learn.epoch == 1 and self.learn.iter == 1:
+            raise RuntimeError("interrupted")
+
+
+def test_csv_survives_interruption(image_folder):
+    learn = make_learner(image_folder, cbs=[GroupLogger("crash.csv", show_table=False)])
+    crash = CrashAt()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        learn.fit(3, lr=1e-3, cbs=crash)
+    lg, path = learn.group_logger, learn.path / "crash.csv"
+    df = lg.history
+    assert df["epoch"].max() == 1                       # one batch of epoch 1 recorded in memory
+    pd.testing.assert_frame_equal(pd.read_csv(path), df[df["epoch"] == 0], check_dtype=False)  # on disk: epoch 0
+    learn.remove_cb(crash)
+    learn.fit(1, lr=1e-3)                               # next fit: new fit index, the file catches up
+    df = lg.history
+    assert df["fit"].unique().tolist() == [0, 1]
+    assert df["iter"].tolist() == [i for i in range(df["iter"].nunique()) for _ in range(N_GROUPS)]
+    pd.testing.assert_frame_equal(pd.read_csv(path), df, check_dtype=False)
+
+
+def test_inert_outside_training(tuned, capsys):
+    learn, _ = tuned
+    lg = learn.group_logger
+    before, n_fit = len(lg.history), lg._n_fit
+    csv_before = (learn.path / "groups.csv").read_text()
+    learn.lr_find(num_it=10, show_plot=False)
+    learn.validate()
+    learn.get_preds()
+    learn.summary()
+    assert len(lg.history) == before and lg._n_fit == n_fit
+    assert (learn.path / "groups.csv").read_text() == csv_before
+    assert "GroupLogger" not in capsys.readouterr().out
+
+
+def test_plot_png(tuned, tmp_path):
+    import matplotlib.pyplot as plt
+    fig = tuned[0].group_logger.plot()
+    out = tmp_path / "groups.png"
+    fig.savefig(out)
+    plt.close(fig)
+    assert out.stat().st_size > 10_000
+
+
+def test_export_load_and_pickle(tuned, tmp_path):
+    learn, _ = tuned
+    df = learn.group_logger.history
+    learn.export(tmp_path / "export.pkl")
+    loaded = load_learner(tmp_path / "export.pkl")
+    pd.testing.assert_frame_equal(loaded.group_logger.history, df)
+    lg = pickle.loads(pickle.dumps(loaded.group_logger))
+    pd.testing.assert_frame_equal(lg.history, df)
+
+
+def test_frozen_without_train_bn_and_unnamed_groups(image_folder):
+    unnamed = lambda m: [list(g) for g in SPLIT3(m)]   # plain lists: no names to find
+    probe = StepProbe()
+    learn = make_learner(image_folder, cbs=[GroupLogger(show_table=False), probe], splitter=unnamed, train_bn=False)
+    learn.freeze()
+    learn.fit(1, lr=1e-3)
+    df = learn.group_logger.history
+    assert (per_group(df, "state") == ["frozen", "frozen", "trainable"]).all()
+    assert (per_group(df, "trainable")[:, :2] == 0).all()
+    assert np.array_equal(per_group(df, "trainable"), np.array(probe.counts))
+    assert df["name"].iloc[:3].tolist() == ["group0", "group1", "group2"]
+
+
+class FlipAt(Callback):
+    "Test-only: freezes a group by hand (requires_grad, no freeze_to) before batch `at` of the first epoch."
+    order = 0
+
+    def __init__(self, at):
+        self.at = at
+
+    def before_batch(self):
+        if self.learn.training and self.learn.iter == self.at and self.learn.epoch == 0:
+            for p in self.learn.opt.param_lists[0]:
+                p.requires_grad_(False)
+
+
+def test_scan_every_batch_and_rank(image_folder, monkeypatch):
+    probe = StepProbe()
+    learn = make_learner(image_folder, cbs=[GroupLogger("g.csv", show_table=False, scan_every_batch=True),
+                                            FlipAt(2), probe])
+    learn.unfreeze()
+    monkeypatch.setenv("RANK", "1")                  # a non-zero rank writes no file
+    learn.fit(1, lr=1e-3)
+    assert not (learn.path / "g.csv").exists()
+    df = learn.group_logger.history
+    assert np.array_equal(per_group(df, "trainable"), np.array(probe.counts))
+    assert per_group(df, "state")[:, 0].tolist() == ["trainable"] * 2 + ["frozen"] * (len(learn.dls.train) - 2)
+
+
+class FakeWriter:
+    def __init__(self):
+        self.scalars = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+
+class TensorBoardCallback(Callback):
+    "Test-only stand-in for fastai's (tensorboard is not installed): same name and `writer`, logs hypers per group."
+    def before_fit(self):
+        self.run, self.writer = True, FakeWriter()
+
+    def after_batch(self):
+        for i, h in enumerate(self.opt.hypers):
+            for k, v in h.items():
+                self.writer.add_scalar(f"{k}_{i}", v, self.train_iter)
+
+
+def test_freeze_state_reaches_tensorboard(image_folder):
+    tb = TensorBoardCallback()
+    learn = make_learner(image_folder, cbs=[GroupLogger(show_table=False), tb])
+    learn.freeze()
+    learn.fit(1, lr=1e-3)
+    tags = [t for t, _, _ in tb.writer.scalars]
+    hypers = {f"{k}_{i}" for i, h in enumerate(learn.opt.hypers) for k in h}
+    added = [t for t in tags if t not in hypers]
+    assert sorted(set(added)) == ["trainable_0", "trainable_1", "trainable_2"]   # nothing TensorBoard already has
+    assert added.count("trainable_0") == len(learn.dls.train)                   # once per training batch
+    fr = {t: v for t, v, _ in tb.writer.scalars if t.startswith("trainable_")}
+    assert fr["trainable_2"] == 1.0 and 0 < fr["trainable_0"] < 1
+
+
+# -------------------------------------------------------------------------------------------------- GradualUnfreeze
+def test_gradual_unfreeze_schedule(image_folder, capsys):
+    probe = StepProbe()
+    learn = make_learner(image_folder, cbs=[GroupLogger(), probe])
+    learn.fit_one_cycle(3, slice(1e-4, 1e-2), cbs=GradualUnfreeze())
+    df = learn.group_logger.history
+    assert np.array_equal(per_group(df, "trainable"), np.array(probe.counts))
+    states = df.groupby(["epoch", "group"])["state"].agg(set).unstack().map(lambda s: s.pop() if len(s) == 1 else s)
+    assert states.to_numpy().tolist() == [["partial", "partial", "trainable"],
+                                          ["partial", "trainable", "trainable"],
+                                          ["trainable", "trainable", "trainable"]]
+    # the change shows at the first iteration of its epoch
+    first = df.groupby("epoch")["iter"].min().tolist()
+    assert first == [0, len(learn.dls.train), 2 * len(learn.dls.train)]
+    # the slice's rates are kept
+    lr = per_group(df, "lr")
+    assert np.allclose(lr / lr[:, -1:], [0.01, 0.1, 1.0])
+    assert capsys.readouterr().out.count("GroupLogger: fit 0") == 3   # table again at each change
+
+
+def test_gradual_unfreeze_every_start_lr_mult(image_folder):
+    probe = StepProbe()
+    learn = make_learner(image_folder, cbs=[GroupLogger(show_table=False), probe])
+    learn.fit(2, lr=1e-3, cbs=GradualUnfreeze(every=2, start=2, lr_mult=100))
+    df = learn.group_logger.history
+    assert (per_group(df, "state") == ["partial", "trainable", "trainable"]).all()   # start=2, next at epoch 2
+    assert np.allclose(np.array(probe.lrs), [1e-5, 1e-4, 1e-3])
+
+
+# ---------------------------------------------------------------------------------------------------- group_lr_find
+class SweepProbe(Callback):
+    "Test-only: per-group lrs at every step, recorded even during lr_find."
+    def __init__(self):
+        self.lrs = []
+
+    def before_step(self):
+        self.lrs.append([float(h["lr"]) for h in self.learn.opt.hypers])
+
+
+def test_group_lr_find(image_folder):
+    import matplotlib.pyplot as plt
+    sweep = SweepProbe()
+    learn = make_learner(image_folder, cbs=[GroupLogger(), sweep])
+    learn.fit(1, lr=1e-3)
+    n_rows = len(learn.group_logger.history)
+    weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    hypers = [dict(h) for h in learn.opt.hypers]
+    sweep.lrs.clear()
+    res = group_lr_find(learn, lr_mult=100, start_lr=1e-6, end_lr=1, num_it=12, stop_div=False)
+    plt.close("all")
+    lrs = np.array(sweep.lrs)
+    assert len(lrs) == 12
+    assert np.allclose(lrs / lrs[:, -1:], slice_ratios(3, 100))
+    assert np.allclose(lrs[:, -1], 1e-6 * (1e6) ** (np.arange(12) / 12))
+    assert res.valley > 0 and hasattr(res, "_fields")
+    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in weights.items())
+    assert [dict(h) for h in learn.opt.hypers] == hypers
+    assert len(learn.group_logger.history) == n_rows and not hasattr(learn, "lr_finder")
