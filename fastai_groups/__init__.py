@@ -4,6 +4,7 @@ from .splitters import (GRANULARITIES, ParamGroups, Structure, auto_splitter, ch
                         group_names)
 from .data import FASHION_CLASSES, check_image_folder, data_home, fashion_mnist, product_sample, read_idx
 from .weights import build_model, lite0_state_dict, load_state_dict, model_stats
+from .distributed import DDPRewrap, cpu_distrib_ctx, patch_cpu_broadcast
 from .callbacks import GradualUnfreeze, GroupLogger, GroupLRFinder, freeze_state, group_lr_find, slice_ratios
 
 __version__ = "0.1.0"
@@ -12,4 +13,5 @@ __all__ = ["Row", "arch_summary", "get_module", "instantiate", "resolve_arch", "
            "group_names",
            "FASHION_CLASSES", "check_image_folder", "data_home", "fashion_mnist", "product_sample", "read_idx",
            "build_model", "lite0_state_dict", "load_state_dict", "model_stats",
+           "DDPRewrap", "cpu_distrib_ctx", "patch_cpu_broadcast",
            "GradualUnfreeze", "GroupLogger", "GroupLRFinder", "freeze_state", "group_lr_find", "slice_ratios"]
