@@ -14,6 +14,7 @@ Units after the last feature map form the head. Groups are then built per granul
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -108,6 +109,14 @@ class _Shape:
             self.nblocks[k] = total
         return self.nblocks[k]
 
+    def model_like(self, m: nn.Module) -> bool:
+        """A whole model rather than a block: it holds 2+ blocks, or a container of 3+ parameterised layers
+        (VGG's `features`). A body wrapped as Sequential(body, head) is opened like the root when model-like."""
+        if self.count_blocks(m) >= 2:
+            return True
+        return any(isinstance(d, _CONTAINERS) and sum(self.param_owners(c) > 0 for c in d.children()) >= 3
+                   for d in m.modules())
+
     def opens(self, m: nn.Module, root: bool, in_sequence: bool = False) -> bool:
         """Is `m` opened into its children, or kept whole? Opened: the root, plain containers, container
         subclasses that hold blocks (a DenseNet dense block, a RegNet stage), stage wrappers (a module with a
@@ -147,10 +156,12 @@ def _units(model: nn.Module) -> list[Unit]:
             direct = own(m._parameters.values())
             if direct:
                 units.append(Unit(name, None, direct, cls=type(m).__name__))
-            total = _numel(m) if wrapper else 0
+            total, before = (_numel(m) if wrapper else 0), bool(direct)
             for cname, c in m.named_children():
-                dominant = wrapper and not isinstance(c, _CONTAINERS) and 2 * _numel(c) > total and \
-                    shape.param_owners(c) >= 2
+                n = _numel(c)
+                dominant = wrapper and not before and not isinstance(c, _CONTAINERS) and 2 * n > total and \
+                    shape.model_like(c)
+                before = before or n > 0
                 visit(c, f"{name}.{cname}" if name else cname, dominant, isinstance(m, _CONTAINERS))
         else:
             units.append(Unit(name, m, own(m.parameters()), block=shape.is_block(m), cls=type(m).__name__))
@@ -213,6 +224,29 @@ def _input_sizes(model: nn.Module) -> list[tuple]:
     return list(dict.fromkeys(sizes))
 
 
+@contextlib.contextmanager
+def _on_meta(model: nn.Module):
+    """Swap every parameter and buffer of `model` for a meta copy (one per tensor: tied weights stay tied) and
+    put the originals back afterwards, slot by slot. (`torch.func.functional_call` restores a module used twice
+    wrongly: pytorch/pytorch#164759.)"""
+    slots, meta = [], {}
+    for m in model.modules():  # each module once, shared ones included
+        for store in (m._parameters, m._buffers):
+            for n, t in store.items():
+                if t is not None and not t.is_meta:
+                    slots.append((store, n, t))
+    try:
+        for store, n, t in slots:
+            if id(t) not in meta:
+                mt = t.detach().to("meta")
+                meta[id(t)] = nn.Parameter(mt, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else mt
+            store[n] = meta[id(t)]
+        yield
+    finally:
+        for store, n, t in slots:
+            store[n] = t
+
+
 def _trace(model: nn.Module, units: list[Unit]) -> str:
     """Fill `order`, `res`, `executed` of the units from a forward pass on meta tensors: 'complete', 'partial'
     (it failed after some units ran: the furthest attempt is kept) or '' (nothing ran)."""
@@ -230,7 +264,6 @@ def _trace(model: nn.Module, units: list[Unit]) -> str:
                 u.res = _resolution(t.shape)
         return pre, post
 
-    on_meta = all(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
     handles, modes = [], [(m, m.training) for m in model.modules()]
     try:
         for u, m in mods:
@@ -244,14 +277,9 @@ def _trace(model: nn.Module, units: list[Unit]) -> str:
             counter[0] = 0
             x = torch.empty((2,) + size, device="meta")
             try:
-                with torch.no_grad(), warnings.catch_warnings():
+                with torch.no_grad(), warnings.catch_warnings(), _on_meta(model):
                     warnings.simplefilter("ignore")
-                    if on_meta:
-                        model(x)
-                    else:
-                        tensors = {n: t.to("meta") for n, t in list(model.named_parameters()) +
-                                   list(model.named_buffers())}
-                        torch.func.functional_call(model, tensors, (x,), strict=False)
+                    model(x)
                 return "complete"
             except Exception:
                 # a forward that fails late (a head that does not fit the body, a fixed input size) still tells
@@ -536,7 +564,21 @@ def auto_splitter(model: nn.Module, *, granularity: str = "stage", n_groups: Opt
             raise ValueError(f"n_groups={n_groups} is more than {type(model).__name__} can give at granularity "
                              f"{granularity!r}: at most {len(named)} ({', '.join(n for n, _ in named)})")
         named = _merge(body, n_groups - 1) + head if head and n_groups >= 2 else _merge(named, n_groups)
-    return ParamGroups([g for _, g in named], names=[n for n, _ in named])
+    return ParamGroups([g for _, g in named], names=_unique([n for n, _ in named]))
+
+
+def _unique(names: list[str]) -> list[str]:
+    "Names made unique: a later duplicate gets `_2`, `_3`, ... (the generated 'stem' and 'head' keep theirs)."
+    out, seen = [], set()
+    fixed = {i for i, n in enumerate(names) if (i == 0 and n == "stem") or (i == len(names) - 1 and n == "head")}
+    taken = {names[i] for i in fixed}
+    for i, n in enumerate(names):
+        name, k = n, 2
+        while i not in fixed and (name in seen or name in taken):
+            name, k = f"{n}_{k}", k + 1
+        seen.add(name)
+        out.append(name)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
