@@ -104,7 +104,8 @@ class GroupLogger(Callback):
         fname: CSV file (relative to `learn.path`) the history is also written to, appended at each epoch end and
             at the end of each fit, so an interrupted run keeps its log. Example: `GroupLogger("groups.csv")`.
         show_table: print a table of the groups (name, params, trainable, state, lr of the first step) at the
-            start of each fit and whenever the freeze state changes within a fit. Example: `show_table=False`.
+            start of each fit and whenever the freeze state changes within a fit, with a `body:` line when the
+            fast frozen body or the feature cache is on. Example: `show_table=False`.
         scan_every_batch: re-read `requires_grad` at every batch instead of at the events above, for code that
             flips `requires_grad` by hand in the middle of an epoch (costs a pass over the parameters per batch).
 
@@ -159,7 +160,8 @@ class GroupLogger(Callback):
         if self._table_due:
             self._table_due = False
             if self.show_table and rank_distrib() == 0:
-                print(self.table(len(self._records) - 1))
+                fast = getattr(self.learn, "fast_frozen_info", "")  # FastFrozenBody / FeatureCache publish it
+                print(self.table(len(self._records) - 1) + (f"\nbody: {fast}" if fast else ""))
         if self._extra:
             self._log_extra(lay)
 

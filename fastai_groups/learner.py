@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import inspect
 import math
 import numbers
@@ -31,6 +30,7 @@ import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
+from fastai.learner import Learner
 from fastai.optimizer import Adam
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -39,7 +39,7 @@ from .head import create_head
 from .splitters import auto_splitter, find_structure
 from .summary import resolve_arch
 
-__all__ = ["ForwardBody", "TimmBody", "create_body", "feature_shape", "cnn_model", "group_learner"]
+__all__ = ["ForwardBody", "TimmBody", "create_body", "feature_shape", "cnn_model", "group_learner", "GroupLearner"]
 
 Cut = Union[None, int, Callable[[nn.Module], nn.Module]]
 
@@ -750,23 +750,84 @@ def _add_norm(dls, stats: dict, n_in: int) -> None:
 
 
 def _with_group_logger(cbs) -> list:
-    "`cbs` plus a `GroupLogger()`, unless it has one (or the callbacks module does not provide it)."
+    "`cbs` as a list, plus a `GroupLogger()` unless it has one."
     from fastai.callback.core import Callback
-    if cbs is None:
-        cbs = []
-    elif isinstance(cbs, (Callback, type)):
-        cbs = [cbs]
-    else:
-        cbs = list(cbs)
-    if importlib.util.find_spec(f"{__package__}.callbacks") is None:
-        return cbs
-    from . import callbacks
-    logger = getattr(callbacks, "GroupLogger", None)
-    if logger is None:
-        return cbs
-    if not any(isinstance(c, logger) or (isinstance(c, type) and issubclass(c, logger)) for c in cbs):
-        cbs.append(logger())
+    from .callbacks import GroupLogger
+    cbs = [] if cbs is None else [cbs] if isinstance(cbs, (Callback, type)) else list(cbs)
+    if not any(isinstance(c, GroupLogger) or (isinstance(c, type) and issubclass(c, GroupLogger)) for c in cbs):
+        cbs.append(GroupLogger())
     return cbs
+
+
+def _checked_set_hyper(opt, k, v) -> None:
+    """fastai's `Optimizer.set_hyper`, refusing what it would do silently or with a bare `AssertionError`: a
+    `slice(lo, hi)` over a single group (fastai quietly uses `hi`) and a list with one value per group of another
+    optimizer."""
+    n = len(opt.param_lists)
+    if isinstance(v, slice) and v.start and n == 1 and v.start != v.stop:
+        raise ValueError(f"{k}=slice({v.start:g}, {v.stop:g}) spreads discriminative values over parameter groups, "
+                         f"but the optimizer has a single group (fastai would silently use {v.stop:g}): pass one "
+                         "value, or use a splitter that gives several groups (auto_splitter)")
+    if isinstance(v, (list, tuple)) and len(v) not in (1, n):
+        raise ValueError(f"{len(v)} values for {k} but the optimizer has {n} parameter groups: give one value, a "
+                         f"slice, or {n} values")
+    type(opt).set_hyper(opt, k, v)
+
+
+class GroupLearner(Learner):
+    """The fastai `Learner` that `group_learner` returns: fastai's, plus clear errors where fastai silently does
+    something else than asked.
+
+    - `freeze_to(n)` with `n` outside `-len(groups)..len(groups)` raises `IndexError` (fastai freezes nothing or
+      everything); a freeze that freezes nothing (`freeze()` on a single group, `freeze_to(-len(groups))`)
+      raises `ValueError` (fastai does nothing, silently).
+    - A `slice(lo, hi)` learning rate (or any hyper) on a single parameter group, or a list of values of the
+      wrong length, raises `ValueError` (fastai uses `hi` silently, or fails with a bare `AssertionError`).
+
+    >>> learn = group_learner(dls, "resnet18", pretrained=False)  # doctest: +SKIP
+    >>> learn.freeze_to(9)  # doctest: +SKIP
+    IndexError: freeze_to(9): the learner has 6 parameter groups (stem, ..., head); use -6..6
+    """
+
+    def create_opt(self):
+        super().create_opt()
+        self.opt.set_hyper = functools.partial(_checked_set_hyper, self.opt)
+
+    def freeze_to(self, n: int):
+        if self.opt is None:
+            self.create_opt()
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"freeze_to takes an int (the number of groups to freeze), got {type(n).__name__}")
+        k = len(self.opt.param_lists)
+        names = _group_names(self)
+        if not -k <= n <= k:
+            raise IndexError(f"freeze_to({n}): the learner has {k} parameter groups ({', '.join(names)}); "
+                             f"use -{k}..{k}")
+        if n != 0 and (n if n >= 0 else k + n) == 0:
+            what = "freeze()" if n == -1 else f"freeze_to({n})"
+            raise ValueError(f"{what} would freeze nothing: the learner has {k} parameter group"
+                             f"{'s' if k > 1 else ''} ({', '.join(names)}); fastai would silently train everything. "
+                             "Use a splitter that puts the head in its own last group (auto_splitter does)")
+        super().freeze_to(n)
+
+
+def _with_fast_frozen(cbs: list, cache: bool) -> list:
+    "`cbs` plus a `FeatureCache()` (when `cache`) or a `FastFrozenBody()`, unless one of the kind asked is there."
+    from .frozen import FastFrozenBody, FeatureCache
+    kind = FeatureCache if cache else FastFrozenBody
+    if not any(isinstance(c, kind) or (isinstance(c, type) and issubclass(c, kind)) for c in cbs):
+        cbs.append(kind())
+    return cbs
+
+
+def _group_names(learn) -> list[str]:
+    "The splitter's group names when it gives them (auto_splitter), else group0, group1, ..."
+    k = len(learn.opt.param_lists)
+    try:
+        names = getattr(learn.splitter(learn.model), "names", None)
+    except Exception:
+        names = None
+    return list(names) if names is not None and len(names) == k else [f"group{i}" for i in range(k)]
 
 
 def group_learner(dls, arch: Any, n_out: Optional[int] = None, pretrained: bool = True, weights: Any = None,
@@ -783,8 +844,13 @@ def group_learner(dls, arch: Any, n_out: Optional[int] = None, pretrained: bool 
       timm config) is added to `dls.after_batch` unless one is there (and `normalize`), and the Learner is
       frozen (`learn.freeze()`: all groups but the head; BatchNorms stay trainable with `train_bn`).
     - `splitter`: parameter groups, `auto_splitter` by default (None means `auto_splitter` too).
-    - `cbs`: a `GroupLogger()` is added unless one is given.
-    - `cache_features`: not yet available (raises `NotImplementedError`).
+    - `train_bn`: fastai's meaning (a frozen group's norm layers keep training). With `train_bn=False` a frozen
+      body is fully frozen and runs on the fast path (`FastFrozenBody`: no autograd, norm layers in inference
+      mode), switched on and off by `freeze`/`freeze_to`/`unfreeze`/`GradualUnfreeze`; with `train_bn=True` the
+      fast path never engages and training is fastai's.
+    - `cache_features`: also cache the frozen body's features (`FeatureCache`: the body runs once per item, then
+      only the head trains). Needs `train_bn=False` and deterministic training data (no random augmentation).
+    - `cbs`: a `GroupLogger()` and a `FastFrozenBody()` (or `FeatureCache()`) are added unless one is given.
     - other keyword arguments: `create_head`'s (`lin_ftrs`, `ps`, `concat_pool`, `y_range`, ...) and the
       `Learner`'s (`path`, `model_dir`, `wd`, `wd_bn_bias`, `moms`, `default_cbs`).
 
@@ -792,10 +858,10 @@ def group_learner(dls, arch: Any, n_out: Optional[int] = None, pretrained: bool 
     >>> learn.fine_tune(2, 1e-3)  # doctest: +SKIP
     """
     from fastai.data.transforms import get_c
-    from fastai.learner import Learner
 
-    if cache_features:
-        raise NotImplementedError("cache_features arrives with the performance work")
+    if cache_features and train_bn:
+        raise ValueError("cache_features=True needs train_bn=False: with train_bn=True the frozen body's norm layers "
+                         "train, so its features change at every step and cannot be cached")
     c = get_c(dls)
     if n_out is None:
         if not c:
@@ -812,14 +878,12 @@ def group_learner(dls, arch: Any, n_out: Optional[int] = None, pretrained: bool 
     use_weights = bool(pretrained) or weights is not None
     if normalize and use_weights:
         _add_norm(dls, stats, n_in)
-    learn = Learner(dls, model, loss_func=loss_func, opt_func=opt_func, lr=lr,
-                    splitter=splitter or auto_splitter, cbs=_with_group_logger(cbs), metrics=metrics,
-                    train_bn=train_bn, **learner_kwargs)
+    cbs = _with_fast_frozen(_with_group_logger(cbs), cache_features)
+    learn = GroupLearner(dls, model, loss_func=loss_func, opt_func=opt_func, lr=lr,
+                         splitter=splitter or auto_splitter, cbs=cbs, metrics=metrics, train_bn=train_bn,
+                         **learner_kwargs)
     if use_weights:
-        learn.freeze()
-        if len(learn.opt.param_groups) < 2:
-            raise ValueError("the splitter gave a single parameter group: freeze() would freeze nothing; use a "
-                             "splitter with the head in its own last group (auto_splitter does)")
+        learn.freeze()  # a ValueError when the splitter gives a single group (freeze() would freeze nothing)
     learn.arch, learn.n_out, learn.pretrained, learn.normalize, learn.stats = arch, n_out, use_weights, normalize, \
         stats
     return learn

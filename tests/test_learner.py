@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models import googlenet, resnet18, resnet50, vit_b_16
 
 from fastai_groups.head import AdaptiveConcatPool2d
-from fastai_groups.learner import AUX_ATTRS, ForwardBody, TimmBody, cnn_model, create_body, feature_shape, \
+from fastai_groups.learner import AUX_ATTRS, ForwardBody, GroupLearner, TimmBody, cnn_model, create_body, feature_shape, \
     group_learner
 from fastai_groups.splitters import auto_splitter, find_structure
 from fastai_groups.summary import instantiate
@@ -444,11 +444,80 @@ def test_group_learner_errors(folder):
     dls = folder_dls(folder)
     with pytest.raises(ValueError, match="n_out=5"):
         group_learner(dls, resnet18, n_out=5, pretrained=False)
-    with pytest.raises(NotImplementedError, match="cache_features arrives with the performance work"):
+    with pytest.raises(ValueError, match="cache_features=True needs train_bn=False"):
         group_learner(dls, resnet18, pretrained=False, cache_features=True)
     with pytest.raises(TypeError, match="unknown argument"):
         group_learner(dls, resnet18, pretrained=False, not_an_arg=1)
     assert group_learner(dls, resnet18, n_out=3, pretrained=False).n_out == 3
+
+
+def one_group(model):
+    return [list(model.parameters())]
+
+
+def test_group_learner_refuses_what_fastai_does_silently(folder, r18_file):
+    dls = folder_dls(folder)
+    learn = group_learner(dls, resnet18, pretrained=False)
+    assert isinstance(learn, GroupLearner)
+    with pytest.raises(IndexError, match=r"freeze_to\(7\): the learner has 6 parameter groups \(stem, stage1, "
+                                         r"stage2, stage3, stage4, head\); use -6..6"):
+        learn.freeze_to(7)
+    with pytest.raises(IndexError, match=r"use -6..6"):
+        learn.freeze_to(-7)
+    with pytest.raises(ValueError, match=r"freeze_to\(-6\) would freeze nothing"):
+        learn.freeze_to(-6)
+    with pytest.raises(TypeError, match="freeze_to takes an int"):
+        learn.freeze_to(1.5)
+    learn.freeze_to(2)  # in range: fastai's behaviour
+    assert [any(p.requires_grad for p in g if p.ndim > 1) for g in learn.opt.param_lists] == [False] * 2 + [True] * 4
+    with pytest.raises(ValueError, match="4 values for lr but the optimizer has 6 parameter groups"):
+        learn.opt.set_hyper("lr", [1e-3] * 4)
+    learn.opt.set_hyper("lr", slice(1e-5, 1e-3))  # several groups: fastai's spread
+    assert [h["lr"] for h in learn.opt.hypers][0] == pytest.approx(1e-5)
+
+    single = group_learner(dls, resnet18, pretrained=False, splitter=one_group)
+    with pytest.raises(ValueError, match=r"freeze\(\) would freeze nothing: the learner has 1 parameter group "
+                                         r"\(group0\); fastai would silently train everything"):
+        single.freeze()
+    with pytest.raises(ValueError, match=r"lr=slice\(1e-05, 0.001\) spreads discriminative values over parameter "
+                                         r"groups, but the optimizer has a single group"):
+        with single.no_bar(), single.no_logging():
+            single.fit_one_cycle(1, slice(1e-5, 1e-3))
+    with pytest.raises(ValueError, match="would freeze nothing"):
+        group_learner(dls, resnet18, weights=r18_file, splitter=one_group)  # pretrained: frozen at creation
+
+
+def test_group_learner_fast_frozen_body_and_cache(folder, r18_file, capsys):
+    from fastai_groups.callbacks import GroupLogger
+    from fastai_groups.frozen import FastFrozenBody, FeatureCache
+    dls = folder_dls(folder)
+    # fastai's default train_bn=True: the fast path is attached but never engages
+    learn = group_learner(dls, resnet18, weights=r18_file)
+    assert sum(type(cb) is FastFrozenBody for cb in learn.cbs) == 1
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3)
+    assert learn.fast_frozen is False and "body:" not in capsys.readouterr().out
+    # train_bn=False: frozen body on the fast path, shown in the freeze table; off again after unfreeze
+    learn = group_learner(dls, resnet18, weights=r18_file, train_bn=False)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3)
+    assert learn.fast_frozen_mode == "no_grad"
+    assert "body: fast frozen (no autograd, 20 norm layers in inference mode)" in capsys.readouterr().out
+    learn.unfreeze()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-4)
+    assert learn.fast_frozen is False and learn.fast_frozen_mode == ""
+    # cache_features: a FeatureCache instead, features computed once, then served from the cache
+    learn = group_learner(dls, resnet18, weights=r18_file, train_bn=False, cache_features=True,
+                          cbs=GroupLogger(show_table=False))
+    assert [type(cb) for cb in learn.cbs if isinstance(cb, FastFrozenBody)] == [FeatureCache]
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(2, 1e-3)
+    assert learn.fast_frozen_mode == "cached" and learn.feature_cache.nbytes > 0
+    learn.unfreeze()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-4)
+    assert learn.feature_cache.nbytes == 0 and learn.fast_frozen_mode == ""
 
 
 def test_fine_tune_lite0_on_product_sample(tmp_path):
