@@ -1,4 +1,10 @@
 """fastai_groups: parameter groups, discriminative learning rates and freeze logging for fine-tuning any CNN."""
+import warnings as _warnings
+
+with _warnings.catch_warnings():  # fastai 2.8 runs torch.jit.script at import time; recent torch warns about it
+    _warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
+    import fastai.layers  # noqa: F401
+
 from .summary import Row, arch_summary, get_module, instantiate, resolve_arch, summary_rows, unwrap_model
 from .splitters import (GRANULARITIES, ParamGroups, Structure, auto_splitter, check_groups, checked, find_structure,
                         group_names)

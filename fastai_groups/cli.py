@@ -75,7 +75,6 @@ def _device(cpu: bool):
 
 
 def _learner(dls, args, splitter=None, fname: Optional[str] = "group_log.csv", cbs=()):
-    import torch
     from fastai.vision.all import accuracy, error_rate
 
     from .callbacks import GroupLogger
@@ -89,8 +88,8 @@ def _learner(dls, args, splitter=None, fname: Optional[str] = "group_log.csv", c
     except (ValueError, RuntimeError, ImportError, FileNotFoundError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
     if dls.device.type == "cuda":
-        learn.to_fp16()
-        learn.model.to(memory_format=torch.channels_last)
+        from fastai.callback.channelslast import ChannelsLast  # noqa: F401  (adds Learner.to_channelslast)
+        learn.to_channelslast()  # mixed precision and channels-last model and inputs
     return learn
 
 
@@ -100,7 +99,8 @@ def run_schedule(learn, schedule: str, epochs: int, freeze_epochs: int, lr: floa
 
     - `fine_tune`: fastai's `fine_tune` (frozen body, then everything at `slice(lr/lr_mult, lr)`);
     - `two_groups`: the same with fastai's default two groups (body, head) for non-table models;
-    - `gradual`: `GradualUnfreeze`, one more group per epoch from the head back, discriminative rates;
+    - `gradual`: `GradualUnfreeze`, one more group every `max(1, budget // (groups - 1))` epochs from the head
+      back, discriminative rates (with fewer epochs than groups, the earliest groups stay frozen to the end);
     - `unfrozen`: everything trainable from the start, `slice(lr/lr_mult, lr)`.
     """
     from .callbacks import GradualUnfreeze
@@ -158,7 +158,7 @@ def cmd_finetune(args) -> None:
     import torch
     from fastai.vision.all import ClassificationInterpretation, set_seed
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # learn.path is out: a relative out would be joined twice
     out.mkdir(parents=True, exist_ok=True)
     device = _device(args.cpu)
     set_seed(args.seed, reproducible=True)
@@ -187,6 +187,13 @@ def cmd_finetune(args) -> None:
     plt.gcf().savefig(out / "confusion_matrix.png", dpi=100, bbox_inches="tight")
     plt.close("all")
     n_epochs = args.freeze_epochs + args.epochs
+    if args.freeze_epochs:
+        schedule = (f"`fine_tune({args.epochs}, base_lr={args.lr}, freeze_epochs={args.freeze_epochs})`: "
+                    f"{args.freeze_epochs} frozen epoch(s) (head trains, body norm layers too), then all groups at "
+                    "`slice(lr/100, lr)` with lr = base_lr/2.")
+    else:
+        schedule = (f"no frozen epoch: all groups trainable, `fit_one_cycle({args.epochs}, "
+                    f"slice({args.lr / 200:g}, {args.lr / 2:g}))` (fine_tune's second phase).")
     report = f"""# fastai-groups fine-tune report
 
 ## Data
@@ -202,8 +209,7 @@ def cmd_finetune(args) -> None:
 {_groups_table(learn)}
 
 ## Schedule
-`fine_tune({args.epochs}, base_lr={args.lr}, freeze_epochs={args.freeze_epochs})`: {args.freeze_epochs} frozen
-epoch(s) (head trains, body norm layers too), then all groups at `slice(lr/100, lr)` with lr = base_lr/2.
+{schedule}
 Per-group learning rates and freeze state, batch by batch: `group_log.csv`, `group_lr.png`.
 
 ## Results
@@ -230,7 +236,7 @@ def cmd_compare(args) -> None:
     from fastai.vision.all import set_seed
 
     from .splitters import auto_splitter
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # learn.path is out: a relative out would be joined twice
     out.mkdir(parents=True, exist_ok=True)
     args.out = out
     schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
@@ -357,6 +363,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name in ("epochs", "freeze_epochs", "size", "bs"):
             if getattr(args, name, 1) is not None and getattr(args, name, 1) < (0 if name == "freeze_epochs" else 1):
                 raise UsageError(f"--{name.replace('_', '-')} must be positive")
+        if hasattr(args, "valid_pct") and not 0 < args.valid_pct < 1:
+            raise UsageError(f"--valid-pct must be between 0 and 1 (exclusive), got {args.valid_pct}")
+        if hasattr(args, "lr") and not args.lr > 0:
+            raise UsageError(f"--lr must be positive, got {args.lr}")
         if getattr(args, "path", None) is not None and not args.path.exists():
             raise UsageError(f"{args.path}: no such folder")
         args.func(args)

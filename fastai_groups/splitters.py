@@ -150,16 +150,17 @@ def _units(model: nn.Module) -> list[Unit]:
         return out
 
     def visit(m: nn.Module, name: str, wrapper: bool, in_sequence: bool = False):
-        # `wrapper`: the root, or a module holding most of its wrapper parent's parameters (a body inside
-        # Sequential(body, head), fastai's TimmBody(model)): opened like the root
+        # `wrapper`: the root, or the first child holding parameters of a wrapper when it is a whole model (a body
+        # inside Sequential(body, head), fastai's TimmBody(model), our ForwardBody): opened like the root, however
+        # large the head that follows it
         if shape.opens(m, wrapper, in_sequence):
             direct = own(m._parameters.values())
             if direct:
                 units.append(Unit(name, None, direct, cls=type(m).__name__))
-            total, before = (_numel(m) if wrapper else 0), bool(direct)
+            before = bool(direct)
             for cname, c in m.named_children():
                 n = _numel(c)
-                dominant = wrapper and not before and not isinstance(c, _CONTAINERS) and 2 * n > total and \
+                dominant = wrapper and not before and n > 0 and not isinstance(c, _CONTAINERS) and \
                     shape.model_like(c)
                 before = before or n > 0
                 visit(c, f"{name}.{cname}" if name else cname, dominant, isinstance(m, _CONTAINERS))
@@ -538,6 +539,11 @@ def auto_splitter(model: nn.Module, *, granularity: str = "stage", n_groups: Opt
     st = find_structure(model)
     if not any(u.params for u in st.units):
         raise ValueError(f"{type(model).__name__} has no parameters: there is nothing to split")
+    if not st.traced:
+        warnings.warn(f"auto_splitter could not run {type(model).__name__} on the meta device (its forward needs "
+                      "real data or other inputs): groups follow the registration order of its modules and the head "
+                      f"is guessed from the last top-level child; check them (find_structure) or pass a splitter",
+                      stacklevel=2)
 
     stem = [("stem", st.stem)] if any(u.params for u in st.stem) else []
     if granularity == "block" or (granularity == "fastai" and len(st.stages) < 2):

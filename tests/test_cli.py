@@ -15,9 +15,9 @@ from fastai_groups import product_sample
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
 
 
-def run(*args, timeout=600):
+def run(*args, timeout=600, cwd=None):
     return subprocess.run([sys.executable, "-m", "fastai_groups.cli", *map(str, args)], capture_output=True,
-                          text=True, env=ENV, timeout=timeout)
+                          text=True, env=ENV, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,9 @@ def test_summary_xresnet_seed_output():
 
 
 def test_finetune_writes_every_artefact(photos, tmp_path):
-    out = tmp_path / "run"
-    r = run("finetune", photos, "--epochs", 1, "--freeze-epochs", 1, "--size", 32, "--bs", 8, "--out", out)
+    out = tmp_path / "runs" / "run"  # given relative to the working directory, as a user types it
+    r = run("finetune", photos, "--epochs", 1, "--freeze-epochs", 1, "--size", 32, "--bs", 8,
+            "--out", "runs/run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     for f in ("export.pkl", "group_log.csv", "group_lr.png", "confusion_matrix.png", "report.md", "results.json"):
         assert (out / f).stat().st_size > 0, f
@@ -70,6 +71,11 @@ def test_finetune_writes_every_artefact(photos, tmp_path):
         assert section in report
     res = json.loads((out / "results.json").read_text())
     assert 0 <= res["accuracy"] <= 1 and "GroupLogger: fit 0" in r.stdout  # the freeze table was shown
+    from fastai.learner import load_learner
+    learn = load_learner(out / "export.pkl")  # the exported learner predicts a photo
+    photo = next(p for p in sorted(photos.rglob("*.png")))
+    label, _, probs = learn.predict(photo)
+    assert label in learn.dls.vocab and len(probs) == 3
 
 
 def test_compare_table(photos, tmp_path):
@@ -90,6 +96,9 @@ def test_compare_table(photos, tmp_path):
     (["summary", "resnet50", "layer9"], "no child named 'layer9'"),
     (["compare", "--schedules", "sometimes"], "unknown schedule(s) sometimes"),
     (["finetune", "--epochs", "0"], "--epochs must be positive"),
+    (["finetune", "--valid-pct", "1.5"], "--valid-pct must be between 0 and 1 (exclusive), got 1.5"),
+    (["compare", "--lr", "0"], "--lr must be positive, got 0.0"),
+    (["finetune", "--arch", "resnet9000", "--epochs", "1"], "unknown architecture 'resnet9000'"),
 ])
 def test_bad_input_is_one_line_exit_2(args, msg):
     r = run(*args)

@@ -51,6 +51,34 @@ def wrapped(model: nn.Module, nf: int = 8) -> nn.Sequential:
     return nn.Sequential(model, create_head(nf, 5))
 
 
+class Body(nn.Module):
+    "A model held by a wrapper module, as fastai's TimmBody and our TimmBody/ForwardBody hold it."
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def wrapped_big_head(model: nn.Module) -> nn.Sequential:
+    "Sequential(Body(model), head) with a head holding more parameters than the model (small bodies, wide heads)."
+    n = sum(p.numel() for p in model.parameters())
+    with torch.device("meta"):
+        head = create_head(8, 5, lin_ftrs=[n // 16 + 1])
+    return nn.Sequential(Body(model), head)
+
+
+def assert_wrapped_big_head(model: nn.Module, min_groups: int = 3):
+    big = wrapped_big_head(model)
+    head = list(big[1].parameters())
+    assert sum(p.numel() for p in head) > sum(p.numel() for p in model.parameters())
+    for g in GRANULARITIES:
+        assert_invariants(big, auto_splitter(big, granularity=g), first=first_and_last(model)[0], last=head,
+                          min_groups=min_groups)
+
+
 # --------------------------------------------------------------------------------------------------- torchvision
 @pytest.mark.parametrize("name", TV_MODELS)
 def test_torchvision_bare(name):
@@ -69,6 +97,7 @@ def test_torchvision_wrapped(name):
     for g in GRANULARITIES:
         groups = auto_splitter(model, granularity=g)
         assert_invariants(model, groups, first=first_and_last(body)[0], last=head_params)
+    assert_wrapped_big_head(body)
 
 
 FASTAI_SPLITS = {n: _resnet_split for n in ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -135,6 +164,7 @@ def test_timm_family(family):
         if callable(getattr(model, "group_matcher", None)):
             cut = timm_coarse_boundaries_respected(model, groups, coarse=g != "block")
             assert not cut, f"{name} {g}: timm groups cut in two: {cut}"
+    assert_wrapped_big_head(model)
     model = wrapped(model)
     assert_invariants(model, auto_splitter(model), first=first_and_last(model[0])[0],
                       last=list(model[1].parameters()))
@@ -320,3 +350,25 @@ def test_param_groups_names():
     assert g.names == ["head"] and group_names([[1], [2]]) == ["group0", "group1"]
     with pytest.raises(ValueError):
         ParamGroups([[1]], names=["a", "b"])
+
+
+class NeedsRealData(nn.Module):
+    "A forward that reads a tensor's value (`.item()`): it cannot run on the meta device."
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, 2), nn.BatchNorm2d(8))
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        scale = 1.0 + float(x.mean().item() > 0)
+        return self.fc(self.b(self.a(x * scale)).mean((2, 3)))
+
+
+def test_untraceable_model_warns_and_still_partitions():
+    model = NeedsRealData()
+    with pytest.warns(UserWarning, match="auto_splitter could not run NeedsRealData on the meta device"):
+        groups = auto_splitter(model)
+    check_groups(model, groups)
+    assert groups.names[-1] == "head" and {id(p) for p in groups[-1]} == {id(p) for p in model.fc.parameters()}
