@@ -219,6 +219,30 @@ def test_plot_png(tuned, tmp_path):
     assert out.stat().st_size > 10_000
 
 
+def test_plot_30_groups(image_folder, tmp_path):
+    "30 groups (one per layer), 10 frozen: one legend entry and one freeze band per group, frozen bands shaded."
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    layers = [nn.Conv2d(3, 4, 3, padding=1)] + [nn.Conv2d(4, 4, 3, padding=1) for _ in range(28)]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    per_layer = lambda m: [list(c.parameters()) for c in m if any(True for _ in c.parameters())]
+    learn = make_learner(image_folder, cbs=[GroupLogger(show_table=False)], splitter=per_layer)
+    learn.model = model
+    learn.freeze_to(10)
+    learn.fit(1, lr=slice(1e-5, 1e-3))
+    lrs = learn.group_logger.history.groupby("group")["lr"].first()
+    assert lrs.iloc[0] == pytest.approx(1e-5) and lrs.iloc[-1] == pytest.approx(1e-3) and lrs.is_monotonic_increasing
+    fig = learn.group_logger.plot()
+    ax, axm = fig.axes
+    assert len(ax.get_legend().get_texts()) == 30
+    assert [t.get_text() for t in axm.get_yticklabels()] == [f"group{i}" for i in range(30)]
+    shaded = {round(p.get_y() + 0.5) for p in axm.patches if isinstance(p, Rectangle)}
+    assert shaded == set(range(10))  # exactly the frozen groups
+    fig.savefig(tmp_path / "g30.png")
+    plt.close(fig)
+    assert (tmp_path / "g30.png").stat().st_size > 10_000
+
+
 def test_export_load_and_pickle(tuned, tmp_path):
     learn, _ = tuned
     df = learn.group_logger.history
