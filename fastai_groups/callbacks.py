@@ -287,6 +287,24 @@ class GroupLogger(Callback):
         "All recorded rows: one per (training iteration, group), see the class docstring for the columns."
         return self._frame()
 
+    def state_dict(self) -> dict:
+        """The history and the counters as plain Python data (lists, ints, floats, str): what
+        `GroupLearner.save` stores in a checkpoint, loadable with `torch.load(weights_only=True)`.
+
+        Example: `lg2 = GroupLogger(); lg2.load_state_dict(learn.group_logger.state_dict())`."""
+        num = lambda v: None if v is None else float(v)
+        return {"records": [[i, e, f, k, [num(v) for v in vals]] for i, e, f, k, vals in self._records],
+                "layouts": [{k: list(getattr(lay, k)) for k in _Layout.__dataclass_fields__} for lay in self._layouts],
+                "n_iter": self._n_iter, "n_fit": self._n_fit}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the history and the counters by `state` (from `state_dict`): the next fit continues its
+        iteration and fit numbers. The CSV file, if any, is rewritten from this history at the next flush."""
+        self._layouts = [_Layout(**{k: tuple(v) for k, v in lay.items()}) for lay in state["layouts"]]
+        self._records = [(int(i), int(e), int(f), int(k), tuple(vals)) for i, e, f, k, vals in state["records"]]
+        self._n_iter, self._n_fit = int(state["n_iter"]), int(state["n_fit"])
+        self._written, self._csv_cols = 0, None
+
     def flush(self):
         "Write the rows not yet in the CSV file (rank 0 only); rewrites the file when its columns changed."
         if not self.fname or rank_distrib() != 0 or self._written >= len(self._records):

@@ -2,8 +2,8 @@
 
 - `create_body(arch)`: the feature extractor of any architecture, returning a `(B, C, H, W)` map:
   - timm models: a `TimmBody` calling the model's `forward_features` (channels-last outputs are permuted to
-    NCHW; token outputs `(B, N, C)` go through the model's own pooling, `forward_head(x, pre_logits=True)`, and
-    come out as `(B, C, 1, 1)`);
+    NCHW; token outputs `(B, N, C)`, and any other output that is not a map (crossvit's list of branch tokens),
+    go through the model's own pooling, `forward_head(x, pre_logits=True)`, and come out as `(B, C, 1, 1)`);
   - any other model (torchvision, fastai, your own): the model's own forward, run up to where its classifier
     starts (found by `find_structure`). When the top-level children before the classifier, applied in turn, are
     exactly that forward, the body is `nn.Sequential` of those children (resnet: `conv1 ... layer4`, as fastai);
@@ -126,25 +126,25 @@ def _input_sizes(module: nn.Module) -> list[tuple[int, int]]:
     return list(dict.fromkeys(sizes))
 
 
-def _meta_tensors(module: nn.Module, grad: bool = False) -> dict[str, torch.Tensor]:
-    "Meta stand-ins for every parameter and buffer (leaf tensors requiring grad for parameters when `grad`)."
+def _meta_slots(module: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
+    "Every parameter and buffer slot `(registry, name, tensor)` of `module`, each module once (shared ones too)."
+    return [(store, n, t) for m in module.modules() for store in (m._parameters, m._buffers)
+            for n, t in store.items() if t is not None]
+
+
+def _meta_tensors(slots: list, grad: bool = False) -> dict[int, torch.Tensor]:
+    """Meta stand-ins for the tensors of `slots`, by id of the original: one per tensor (leaf parameters requiring
+    grad when `grad`), so a tied weight or a module shared under several names (coat's `crpe`) stays tied.
+
+    They are put in the slots directly, not through `torch.func.functional_call`: that refuses several names for
+    one tensor unless they get the same value, and given it, restores a module reachable by two names wrongly,
+    leaving meta tensors in the real model (pytorch/pytorch#164759)."""
     out = {}
-    for n, p in module.named_parameters(remove_duplicate=False):
-        out[n] = torch.empty_like(p, device="meta").requires_grad_(grad)
-    for n, b in module.named_buffers(remove_duplicate=False):
-        out[n] = torch.empty_like(b, device="meta")
+    for _, _, t in slots:
+        if id(t) not in out:
+            mt = torch.empty_like(t, device="meta")
+            out[id(t)] = nn.Parameter(mt, requires_grad=grad) if isinstance(t, nn.Parameter) else mt
     return out
-
-
-class _Call(nn.Module):
-    "Calls `fn(module, x)` inside `torch.func.functional_call` (so a method other than `forward` can be run)."
-
-    def __init__(self, module: nn.Module, fn: Callable):
-        super().__init__()
-        self.module, self.fn = module, fn
-
-    def forward(self, x):
-        return self.fn(self.module, x)
 
 
 class _Usage:
@@ -179,10 +179,9 @@ def _meta_run(module: nn.Module, n_in: int, fn: Optional[Callable] = None, train
     (BatchNorms run in eval mode: same shapes, much faster on meta). Tries the model's configured input size,
     then common sizes. `usage` records the modules called and (in eval mode) the parameters reaching the output."""
     fn = fn or (lambda m, x: m(x))
-    wrapper = _Call(module, fn)
     modes = [(m, m.training) for m in module.modules()]
     grad = usage is not None and not train
-    params = dict(module.named_parameters(remove_duplicate=False))
+    slots = _meta_slots(module)
     errors, hooks = [], usage.hooks(module) if usage is not None else []
     try:
         module.train(train)
@@ -190,18 +189,22 @@ def _meta_run(module: nn.Module, n_in: int, fn: Optional[Callable] = None, train
             if isinstance(m, nn.modules.batchnorm._NormBase):
                 m.training = False
         for hw in ([size] if size is not None else _input_sizes(module)):
-            tensors = _meta_tensors(module, grad)
+            tensors = _meta_tensors(slots, grad)
             x = torch.empty((2, n_in) + tuple(hw), device="meta")
             try:
+                for store, n, t in slots:
+                    store[n] = tensors[id(t)]
                 with torch.set_grad_enabled(grad), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    out = torch.func.functional_call(wrapper, {f"module.{k}": v for k, v in tensors.items()}, (x,),
-                                                     strict=False)
+                    out = fn(module, x)
             except Exception as e:  # a size the model does not accept: try the next
                 errors.append(f"{tuple(hw)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 continue
+            finally:  # the originals back, slot by slot
+                for store, n, t in slots:
+                    store[n] = t
             if grad:
-                usage.collect(out, {id(tensors[n]): id(p) for n, p in params.items()})
+                usage.collect(out, {id(tensors[id(t)]): id(t) for _, _, t in slots if isinstance(t, nn.Parameter)})
             return out
     finally:
         for h in hooks:
@@ -332,7 +335,7 @@ class ForwardBody(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # timm
 # ----------------------------------------------------------------------------------------------------------------
-_TIMM_FMTS = ("NCHW", "NHWC", "tokens", "vector", "raw")
+_TIMM_FMTS = ("NCHW", "NHWC", "tokens", "pooled", "vector", "raw")
 
 
 class TimmBody(nn.Module):
@@ -341,7 +344,9 @@ class TimmBody(nn.Module):
     `fmt` says what `forward_features` returns: `"NCHW"` (kept), `"NHWC"` (channels-last: swin and other
     timm families with `output_fmt == "NHWC"`, permuted), `"tokens"` (`(B, N, C)`, ViT-like: pooled by the
     model's own `forward_head(x, pre_logits=True)`, its class token or average with its norm, then
-    `(B, C, 1, 1)`), `"vector"` (`(B, C)` -> `(B, C, 1, 1)`) or `"raw"` (unchanged). `create_body` picks it.
+    `(B, C, 1, 1)`), `"pooled"` (anything else, e.g. the list of per-branch tokens of crossvit or the list of
+    stage maps of efficientvim: pooled the same way by `forward_head(x, pre_logits=True)`, which must give
+    `(B, C)`), `"vector"` (`(B, C)` -> `(B, C, 1, 1)`) or `"raw"` (unchanged). `create_body` picks it.
 
     >>> import timm
     >>> body = create_body("timm:swin_tiny_patch4_window7_224", pretrained=False); body.fmt
@@ -363,16 +368,47 @@ class TimmBody(nn.Module):
         x = self.model.forward_features(x)
         if self.fmt == "NHWC":
             return x.permute(0, 3, 1, 2)
-        if self.fmt == "tokens":
+        if self.fmt in ("tokens", "pooled"):
             return self.model.forward_head(x, pre_logits=True)[:, :, None, None]
         if self.fmt == "vector":
             return x[:, :, None, None]
         return x
 
 
+def _out_desc(out: Any) -> str:
+    "A short description of what a forward returned, for error messages."
+    if isinstance(out, torch.Tensor):
+        return f"shape {tuple(out.shape)}"
+    if isinstance(out, (list, tuple)):
+        return f"a {type(out).__name__} of {len(out)} ({', '.join(_out_desc(o) for o in out[:4])}" + \
+            (", ...)" if len(out) > 4 else ")")
+    return type(out).__name__
+
+
+def _head_pools(model: nn.Module, n_in: int, fmt: str, what: str) -> str:
+    "`fmt` when the model's own `forward_head(forward_features(x), pre_logits=True)` gives `(B, C)`, else ValueError."
+    name = type(model).__name__
+    cut = "pass cut=... (an int or a function) to create_body"
+    if not callable(getattr(model, "forward_head", None)):
+        raise ValueError(f"{name}.forward_features returns {what}, not a (B, C, H, W) map, and the model has no "
+                         f"forward_head to pool it: {cut}")
+    try:
+        out = _meta_run(model, n_in, fn=lambda m, x: m.forward_head(m.forward_features(x), pre_logits=True))
+    except ValueError as e:
+        raise ValueError(f"{name}.forward_features returns {what}, not a (B, C, H, W) map, and "
+                         f"forward_head(x, pre_logits=True) fails on it ({e}): {cut}") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise ValueError(f"{name}.forward_features returns {what}, not a (B, C, H, W) map, and "
+                         f"forward_head(x, pre_logits=True) gives {_out_desc(out)}, not (B, C): {cut}")
+    return fmt
+
+
 def _timm_fmt(model: nn.Module, n_in: int) -> str:
-    "What the model's `forward_features` returns (see `TimmBody`)."
+    """What the model's `forward_features` returns (see `TimmBody`). Anything but a map or a vector (tokens, a list
+    of branch outputs or of stage maps, another shape) must be pooled to `(B, C)` by the model's `forward_head`."""
     out = _meta_run(TimmBody(model, "raw"), n_in)
+    if not isinstance(out, torch.Tensor):
+        return _head_pools(model, n_in, "pooled", _out_desc(out))
     shape = out.shape
     if len(shape) == 4:
         fmt = getattr(model, "output_fmt", None)
@@ -384,18 +420,10 @@ def _timm_fmt(model: nn.Module, n_in: int) -> str:
             return "NHWC"
         return "NCHW"  # timm's default layout
     if len(shape) == 3:
-        if not callable(getattr(model, "forward_head", None)):
-            raise ValueError(f"{type(model).__name__}.forward_features returns tokens {tuple(shape)} but the model "
-                             "has no forward_head to pool them: pass cut=...")
-        out = _meta_run(TimmBody(model, "tokens"), n_in)
-        if out.ndim != 4:
-            raise ValueError(f"{type(model).__name__}.forward_head(x, pre_logits=True) gives {tuple(out.shape[:-2])}, "
-                             "not (B, C)")
-        return "tokens"
+        return _head_pools(model, n_in, "tokens", f"tokens {tuple(shape)}")
     if len(shape) == 2:
         return "vector"
-    raise ValueError(f"{type(model).__name__}.forward_features returns shape {tuple(shape)}: expected a 4-D map, "
-                     "tokens (B, N, C) or (B, C)")
+    return _head_pools(model, n_in, "pooled", _out_desc(out))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -492,11 +520,27 @@ def _forward_body(model: nn.Module, n_in: int) -> tuple[nn.Module, _Usage, Optio
     usage = _Usage()
     st = find_structure(model)
     head = list(st.head)
-    if not head:  # no classifier found: the model is a feature extractor already
-        return model, usage, None
-    if not st.traced:
+    if not st.traced:  # before anything else: without a meta forward, neither the head nor the usage is known
         raise ValueError(f"could not run {type(model).__name__} on the meta device to find where its classifier "
-                         "starts: pass cut=... (an int or a function) to create_body")
+                         "starts (its forward needs real values, e.g. `.item()` / `.tolist()`, or other inputs): "
+                         "pass cut=... (an int or a function) to create_body")
+    if not head:  # no classifier found: the model is a feature extractor already, used whole when it runs on meta
+        try:
+            out = _meta_run(model, n_in, usage=usage)
+            _meta_run(model, n_in, train=True, usage=usage)
+        except ValueError as e:
+            raise ValueError(f"{type(model).__name__} has no classifier to cut and {e}: pass cut=... (an int or a "
+                             "function) to create_body") from None
+        t = _first_tensor(out)
+        if t is None:
+            raise ValueError(f"{type(model).__name__} has no classifier to cut and returns {type(out).__name__}, "
+                             "not a tensor: pass cut=... (an int or a function) to create_body")
+        return model, usage, t.shape
+    if not any(u.params for u in st.units if all(u is not h for h in head)):
+        names = ", ".join(u.name or "<root>" for u in head)
+        raise ValueError(f"the classifier found in {type(model).__name__} ({names}) holds all its parameters: "
+                         "nothing would be left for the body; pass cut=... (an int or a function; `cut=lambda m: m` "
+                         "for a model that is a feature extractor already)")
     no_module = [u.name or "<root>" for u in head if u.module is None]
     if no_module:
         raise ValueError(f"{type(model).__name__}'s classifier includes parameters registered directly on "
@@ -540,7 +584,13 @@ def _timm_body(model: nn.Module, n_in: int) -> tuple[nn.Module, _Usage, torch.Si
 def _prune(body: nn.Module, usage: _Usage) -> nn.Module:
     """Replace by `nn.Identity` the submodules that no meta forward called and whose parameters never reached the
     output (a timm classifier, `conv_head` of a MobileNetV3 or the head norm of a ConvNeXt after
-    `forward_features`): parameters the body would carry but never train."""
+    `forward_features`): parameters the body would carry but never train. Refuses when `usage` recorded no meta
+    forward (everything would look dead)."""
+    if not any(True for _ in body.parameters()):
+        return body
+    if not usage.called:
+        raise ValueError(f"no meta forward of {type(body).__name__} was recorded: cannot tell which of its modules "
+                         "are unused (pruning would remove every parameter)")
     dead: list[str] = []
     for name, m in body.named_modules():
         if not name or any(name.startswith(d + ".") for d in dead):
@@ -655,7 +705,11 @@ def _create_body(arch: Any, pretrained: bool = True, cut: Cut = None, weights: A
         body, usage, shape = _timm_body(model, n_in)
     else:
         body, usage, shape = _forward_body(model, n_in)
-    return _prune(body, usage), stats, shape
+    body = _prune(body, usage)
+    if any(True for _ in model.parameters()) and not any(True for _ in body.parameters()):
+        raise ValueError(f"the body found for {type(model).__name__} uses none of its parameters: pass cut=... (an "
+                         "int or a function) to create_body")
+    return body, stats, shape
 
 
 def create_body(arch: Any, pretrained: bool = True, cut: Cut = None, weights: Any = None,
@@ -809,6 +863,158 @@ class GroupLearner(Learner):
                              f"{'s' if k > 1 else ''} ({', '.join(names)}); fastai would silently train everything. "
                              "Use a splitter that puts the head in its own last group (auto_splitter does)")
         super().freeze_to(n)
+
+    def save(self, file: Any, with_opt: bool = True, pickle_protocol: int = 2, **torch_save_kwargs) -> Any:
+        """fastai's `save` (`{'model': ..., 'opt': ...}` in `path/model_dir/file.pth`, rank 0 only), plus what
+        resuming needs and fastai does not keep: the groups (names, sizes), the freeze state (`requires_grad` of
+        every parameter, `opt.frozen_idx`) and the `GroupLogger` history. They ride in `state['opt']['fastai_groups']`,
+        which fastai's `Optimizer.load_state_dict` ignores, so a plain fastai `Learner` loads the file too. The
+        weights are saved without `torch.compile` / `DataParallel` / DDP wrappers. `with_opt=False`: the weights
+        only, as fastai. Returns the file's path.
+
+        >>> learn.fit_one_cycle(1, slice(1e-4, 1e-3)); learn.save("epoch0")  # doctest: +SKIP
+        >>> fresh = group_learner(dls, "resnet18", pretrained=False).load("epoch0")  # doctest: +SKIP
+        >>> fresh.fit_one_cycle(3, slice(1e-4, 1e-3), start_epoch=1)  # as if never interrupted  # doctest: +SKIP
+        """
+        from fastai.torch_core import rank_distrib
+        from fastcore.xtras import join_path_file
+        from .summary import unwrap_model
+        file = join_path_file(file, self.path / self.model_dir, ext=".pth")
+        if rank_distrib():
+            return file
+        state = unwrap_model(self.model).state_dict()
+        if with_opt and self.opt is not None:
+            state = {"model": state, "opt": {**self.opt.state_dict(), _CKPT_KEY: _train_state(self)}}
+        torch.save(state, file, pickle_protocol=pickle_protocol, **torch_save_kwargs)
+        return file
+
+    def load(self, file: Any, device: Any = None, with_opt: bool = True, strict: bool = True,
+             **torch_load_kwargs) -> "GroupLearner":
+        """fastai's `load`, restoring what `save` kept. With `with_opt` (and a file that has an optimizer state): the
+        per-group hypers and optimizer state, the freeze state (whatever this learner's was: it is not re-frozen
+        from a schedule) and, into a `GroupLogger` that has recorded nothing yet (a fresh learner), the history; the
+        next fit then continues its iteration count. With `with_opt`, a checkpoint of another grouping (number or
+        sizes of groups) raises `ValueError` naming both, before anything is changed (fastai only warns and trains
+        on; of a plain fastai file only the number of groups is known). Files saved by plain fastai load as with
+        fastai (weights, optimizer state); `with_opt=False` loads the weights only. `file`: a name in
+        `path/model_dir` (`.pth` added) or a path; `device`, `strict`: as fastai's.
+
+        >>> learn.load("epoch0")  # doctest: +SKIP
+        ValueError: checkpoint .../models/epoch0.pth has another grouping than this learner: ...
+        """
+        from fastai.torch_core import distrib_barrier
+        from fastcore.xtras import join_path_file
+        from .summary import unwrap_model
+        if device is None and hasattr(self.dls, "device"):
+            device = self.dls.device
+        if self.opt is None:
+            self.create_opt()
+        file = join_path_file(file, self.path / self.model_dir, ext=".pth")
+        distrib_barrier()
+        state = _torch_load(file, device, **torch_load_kwargs)
+        has_opt = isinstance(state, dict) and set(state) == {"model", "opt"}
+        extra = state["opt"].pop(_CKPT_KEY, None) if has_opt else None
+        if with_opt and has_opt:
+            _check_grouping(self, state["opt"], extra, file)
+        weights = state["model"] if has_opt else state
+        nn.modules.utils.consume_prefix_in_state_dict_if_present(weights, "_orig_mod.")  # fastai's torch.compile saves
+        unwrap_model(self.model).load_state_dict(weights, strict=strict)
+        if with_opt and has_opt:
+            self.opt.load_state_dict(state["opt"])
+            if extra is not None:
+                _restore_train_state(self, extra)
+        elif with_opt:
+            warnings.warn("Saved file doesn't contain an optimizer state.")
+        return self
+
+    def export(self, fname: Any = "export.pkl", **kwargs) -> None:
+        """fastai's `export` (the learner without data and optimizer state, for inference), keeping the per-group
+        hypers and `frozen_idx`: `load_learner` returns a learner whose optimizer has them, with the groups, the
+        freeze state (`requires_grad` travels with the parameters) and the `GroupLogger` history.
+
+        >>> learn.export("export.pkl"); load_learner(learn.path / "export.pkl").opt.hypers  # doctest: +SKIP
+        """
+        saved = self._export_opt = None if self.opt is None else {
+            "hypers": [dict(h) for h in self.opt.hypers], "frozen_idx": getattr(self.opt, "frozen_idx", 0)}
+        try:
+            super().export(fname, **kwargs)
+        finally:
+            del self._export_opt
+            if saved is not None and self.opt is not None:   # fastai's export rebuilds this learner's optimizer
+                self.opt.frozen_idx = saved["frozen_idx"]
+
+    def __setstate__(self, state: dict) -> None:
+        "fastai's, then (in `load_learner`) an optimizer with the hypers and `frozen_idx` that `export` kept."
+        exported = state.pop("_export_opt", None)
+        super().__setstate__(state)
+        if exported is not None:                    # unpickled by load_learner: the optimizer `export` described
+            self.create_opt()
+            for h, kept in zip(self.opt.hypers, exported["hypers"]):
+                h.update(kept)
+            self.opt.frozen_idx = exported["frozen_idx"]
+
+
+_CKPT_KEY = "fastai_groups"
+
+
+def _torch_load(file, device=None, **kwargs):
+    "`torch.load` as fastai's `load_model` does it (device, `weights_only` with the numpy types fastai's hypers hold)."
+    import numpy as np
+    from fastcore.foundation import L
+    device = torch.device("cuda", device) if isinstance(device, int) else device or "cpu"
+    kwargs.setdefault("weights_only", True)
+    np_core = getattr(np, "_core", None) or np.core
+    safe = [L, np_core.multiarray.scalar, np.dtype, *[getattr(np.dtypes, d) for d in np.dtypes.__all__]]
+    with torch.serialization.safe_globals(safe):
+        return torch.load(file, map_location=device, **kwargs)
+
+
+def _sizes(learn) -> list[list[int]]:
+    "(tensors, elements) of each parameter group of `learn.opt`."
+    return [[len(pg), sum(p.numel() for p in pg)] for pg in learn.opt.param_lists]
+
+
+def _train_state(learn) -> dict:
+    "What a checkpoint needs beyond fastai's: groups, freeze state, the GroupLogger history (plain Python data)."
+    from .callbacks import GroupLogger
+    logger = getattr(learn, "group_logger", None)
+    return {"names": _group_names(learn), "sizes": _sizes(learn),
+            "requires_grad": [[bool(p.requires_grad) for p in pg] for pg in learn.opt.param_lists],
+            "frozen_idx": int(getattr(learn.opt, "frozen_idx", 0)),
+            "logger": logger.state_dict() if isinstance(logger, GroupLogger) else None}
+
+
+def _describe(names: list, sizes: list) -> str:
+    return f"{len(sizes)} groups: " + ", ".join(f"{n} ({t} tensors, {e:,} params)" for n, (t, e) in zip(names, sizes))
+
+
+def _check_grouping(learn, opt_state: dict, extra: Optional[dict], file) -> None:
+    "`ValueError` when the checkpoint's groups are not this learner's (count, or tensors and elements per group)."
+    here = _describe(_group_names(learn), _sizes(learn))
+    if extra is not None:
+        if [list(s) for s in extra["sizes"]] == _sizes(learn):
+            return
+        saved = _describe(extra["names"], extra["sizes"])
+    else:                                   # a plain fastai file: only the number of groups is known
+        hypers = opt_state.get("hypers", opt_state.get("param_groups"))
+        if hypers is None or len(hypers) == len(learn.opt.param_lists):
+            return
+        saved = f"{len(hypers)} groups (a plain fastai file: no names or sizes)"
+    raise ValueError(f"checkpoint {file} has another grouping than this learner: the checkpoint has {saved}; this "
+                     f"learner has {here}. Build the learner with the splitter (and model) the checkpoint was saved "
+                     "with, or load the weights only with load(..., with_opt=False)")
+
+
+def _restore_train_state(learn, extra: dict) -> None:
+    "Put back the checkpoint's freeze state and, into a GroupLogger that has recorded nothing, its history."
+    from .callbacks import GroupLogger
+    for pg, flags in zip(learn.opt.param_lists, extra["requires_grad"]):
+        for p, flag in zip(pg, flags):
+            p.requires_grad_(bool(flag))
+    learn.opt.frozen_idx = int(extra["frozen_idx"])
+    logger = getattr(learn, "group_logger", None)
+    if isinstance(logger, GroupLogger) and extra.get("logger") is not None and not logger._records:
+        logger.load_state_dict(extra["logger"])
 
 
 def _with_fast_frozen(cbs: list, cache: bool) -> list:

@@ -3,7 +3,9 @@
 import copy
 import functools
 import importlib.util
+import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,6 +229,73 @@ def test_user_model_with_functional_pooling():
         torch.testing.assert_close(copy.deepcopy(m)(x), m(x))
 
 
+class ScaleNet(nn.Module):
+    "Rescales 0..255 inputs: `.item()` before any layer, so no meta forward runs at all."
+
+    def __init__(self):
+        super().__init__()
+        self.net = resnet18()
+
+    def forward(self, x):
+        return self.net(x / 255 if x.max().item() > 1 else x)
+
+
+class TwoInputs(nn.Module):
+    "Takes an image and a vector."
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x, extra):
+        return self.fc(self.features(x).mean((2, 3)) + extra)
+
+
+class PooledFeatures(nn.Module):
+    "A feature extractor returning (B, C): find_structure takes its only child for the classifier."
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+
+    def forward(self, x):
+        return self.features(x).mean((2, 3))
+
+
+def test_models_that_do_not_run_on_meta_are_refused():
+    "Never a body silently stripped of its parameters: a clear error asking for cut=."
+    for model in (ScaleNet(), TwoInputs()):
+        with pytest.raises(ValueError, match=r"could not run \w+ on the meta device.*pass cut="):
+            create_body(model, pretrained=False)
+        with pytest.raises(ValueError, match="pass cut="):
+            cnn_model(model, 3)
+    with pytest.raises(ValueError, match=r"holds all its parameters.*cut=lambda m: m"):
+        create_body(PooledFeatures(), pretrained=False)
+    model = ScaleNet()
+    body = create_body(model, pretrained=False, cut=lambda m: nn.Sequential(*list(m.net.children())[:-2]))
+    assert ids(body) == ids(model) - ids(model.net.fc)
+    body = create_body(PooledFeatures(), pretrained=False, cut=lambda m: m)
+    assert feature_shape(body) == (2, 8)
+
+
+def test_feature_extractor_without_classifier_kept_whole():
+    model = nn.Sequential(*list(resnet18().children())[:-2])  # no classifier: nothing to cut, nothing unused
+    body = create_body(model, pretrained=False)
+    assert body is model and ids(body) == ids(model)
+    m = cnn_model(model, 3)
+    assert m[1][2].num_features == 1024
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_prune_needs_a_recorded_forward():
+    from fastai_groups.learner import _prune, _Usage
+    model = resnet18()
+    with pytest.raises(ValueError, match="no meta forward"):
+        _prune(model, _Usage())  # would replace every module by Identity
+    assert _prune(nn.ReLU(), _Usage()).__class__ is nn.ReLU  # nothing to prune
+
+
 def test_fastai_xresnet():
     body = create_body("fastai:xresnet18", pretrained=False)
     assert type(body) is nn.Sequential and feature_shape(body)[1] == 512
@@ -261,6 +330,91 @@ def test_timm_families(name, size, fmt):
     assert out.shape == (2, 4)
     out.sum().backward()
     assert all(p.grad is not None for p in m[0].parameters())  # unused modules (conv_head, head norm) dropped
+
+
+@pytest.mark.parametrize("name", ["crossvit_tiny_240", "efficientvim_m1"])
+def test_timm_features_not_a_tensor(name):
+    "forward_features gives a list (crossvit: per-branch tokens, efficientvim: per-stage maps): forward_head pools it."
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    full = timm.create_model(name).eval()
+    body = create_body(full, pretrained=False)
+    assert isinstance(body, TimmBody) and body.fmt == "pooled"
+    x = torch.randn(2, 3, *full.pretrained_cfg["input_size"][1:])
+    with torch.no_grad():
+        ref = full.forward_head(full.forward_features(x), pre_logits=True)[:, :, None, None]
+        torch.testing.assert_close(body.eval()(x), ref)
+    assert not ids(body) & ids(full.get_classifier())
+    m = cnn_model(f"timm:{name}", 5, pretrained=False).eval()
+    assert m[1][2].num_features == 2 * feature_shape(m[0])[1]
+    with torch.no_grad():
+        assert m(x).shape == (2, 5)
+
+
+class ListFeatures(nn.Module):
+    "timm-like, but forward_features returns a list and there is no forward_head to pool it."
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward_features(self, x):
+        return [self.conv(x)]
+
+    def forward(self, x):
+        return self.fc(self.forward_features(x)[0].mean((2, 3)))
+
+
+def test_timm_features_not_poolable():
+    with pytest.raises(ValueError, match=r"returns a list of 1 \(shape \(2, 4, 222, 222\)\).*no forward_head.*cut="):
+        create_body(ListFeatures(), pretrained=False)
+    ListFeatures.forward_head = lambda self, x, pre_logits=False: x  # gives the list back: still not (B, C)
+    try:
+        with pytest.raises(ValueError, match=r"forward_head\(x, pre_logits=True\) gives a list.*not \(B, C\).*cut="):
+            create_body(ListFeatures(), pretrained=False)
+    finally:
+        del ListFeatures.forward_head
+    body = create_body(ListFeatures(), pretrained=False, cut=lambda m: m.conv)
+    assert feature_shape(body)[1] == 4
+
+
+def test_timm_shared_modules_coat():
+    "coat's crpe modules are shared by several blocks: built, the model given left intact, shared stays shared."
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    full = timm.create_model("coat_tiny").eval()
+    shared = full.crpe1
+    assert full.serial_blocks1[0].factoratt_crpe.crpe is shared
+    m = cnn_model(full, 5)
+    assert not any(t.is_meta for t in list(full.parameters()) + list(full.buffers()))  # meta runs restored all
+    assert not any(t.is_meta for t in list(m.parameters()) + list(m.buffers()))
+    body = m[0]
+    assert body.model.crpe1 is shared and body.model.serial_blocks1[0].factoratt_crpe.crpe is shared
+    assert feature_shape(body) == (2, 152, 1, 1) and m[1][2].num_features == 304
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = full.forward_head(full.forward_features(x), pre_logits=True)[:, :, None, None]
+        torch.testing.assert_close(body.eval()(x), ref)
+        assert m.eval()(x).shape == (2, 5)
+
+
+TIMM_SMALLEST = json.loads((Path(__file__).parent / "timm_smallest.json").read_text())
+TIMM_SLOW = {"sequencer"}  # its LSTMs unroll step by step on the meta device (~10 s): left out of the sweep
+
+
+@pytest.mark.parametrize("family", sorted(set(TIMM_SMALLEST) - TIMM_SLOW))
+def test_every_timm_family(family):
+    "The smallest model of every timm family, on the meta device: a 4-D body output, the head sized for it."
+    pytest.importorskip("timm")
+    model = instantiate("timm:" + TIMM_SMALLEST[family])
+    body, head = cnn_model(model, 5)
+    shape = feature_shape(body)
+    assert len(shape) == 4 and shape[0] == 2
+    bn = next(mod for mod in head if isinstance(mod, nn.BatchNorm1d))
+    assert bn.num_features == 2 * shape[1]  # concat pooling of nf channels
+    clf = model.get_classifier()
+    clf = [c for c in (clf if isinstance(clf, tuple) else [clf]) if isinstance(c, nn.Module)]  # distilled: 2 heads
+    assert ids(body) <= ids(model) and not ids(body) & {id(p) for c in clf for p in c.parameters()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
