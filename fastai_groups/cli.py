@@ -155,7 +155,6 @@ def cmd_summary(args) -> None:
 def cmd_finetune(args) -> None:
     import matplotlib
     matplotlib.use("Agg")
-    import torch
     from fastai.vision.all import ClassificationInterpretation, set_seed
 
     out = Path(args.out).resolve()  # learn.path is out: a relative out would be joined twice

@@ -2,11 +2,27 @@
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 torch.set_num_threads(2)
 os.environ.setdefault("MPLBACKEND", "Agg")
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    "3 classes of noisy solid-colour 32 px PNGs: 12 train + 4 valid images per class (`train/`, `valid/`)."
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("valid", 4)):
+        for cls, rgb in {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}.items():
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                a = np.clip(np.array(rgb) + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(a).save(root / split / cls / f"{i}.png")
+    return root

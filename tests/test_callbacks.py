@@ -12,7 +12,6 @@ from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner, load_learner
 from fastai.vision.data import ImageDataLoaders
-from PIL import Image
 from torch import nn
 
 from fastai_groups.callbacks import (GradualUnfreeze, GroupLogger, freeze_state, group_lr_find, slice_ratios)
@@ -54,20 +53,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    "3 classes of noisy solid-colour 32 px PNGs: 12 train + 4 valid images per class."
-    root = tmp_path_factory.mktemp("colours")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("valid", 4)):
-        for cls, rgb in {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}.items():
-            (root / split / cls).mkdir(parents=True)
-            for i in range(n):
-                a = np.clip(np.array(rgb) + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(a).save(root / split / cls / f"{i}.png")
-    return root
 
 
 def make_learner(root, cbs=(), splitter=SPLIT3, **kwargs):

@@ -14,7 +14,6 @@ from fastai.callback.progress import ProgressCallback
 from fastai.callback.tracker import SaveModelCallback
 from fastai.learner import Learner, load_learner, load_model, save_model
 from fastai.vision.data import ImageDataLoaders
-from PIL import Image
 from torch import nn
 
 from fastai_groups import GradualUnfreeze, GroupLogger, arch_summary, auto_splitter, check_groups, get_module, \
@@ -67,20 +66,6 @@ class CompileNet(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.flatten(self.avgpool(self.layer2(self.layer1(self.relu(self.conv1(x))))), 1))
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    "3 classes of noisy solid-colour 32 px PNGs: 12 train + 4 valid images per class (6 + 2 batches of 6)."
-    root = tmp_path_factory.mktemp("resume_imgs")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("valid", 4)):
-        for cls, rgb in {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}.items():
-            (root / split / cls).mkdir(parents=True)
-            for i in range(n):
-                a = np.clip(np.array(rgb) + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(a).save(root / split / cls / f"{i}.png")
-    return root
 
 
 def make_dls(root, device="cpu"):
