@@ -32,6 +32,7 @@ __all__ = ["ParamGroups", "Unit", "Structure", "find_structure", "auto_splitter"
 
 GRANULARITIES = ("stage", "fastai", "block")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
 
 
 class ParamGroups(list):
@@ -88,13 +89,14 @@ class _Shape:
         return self.owners[k]
 
     def is_block(self, m: nn.Module) -> bool:
-        """A block: a composite of 3+ parameterised modules, or of 2+ where some child is itself composite.
-        Conv+norm(+act) and linear+norm pairs are layers, not blocks."""
+        """A block: a composite of 3+ parameterised modules, or of 2 weight layers (a residual block without norm
+        layers, an MLP), or of 2+ where some child is itself composite. Conv+norm(+act) and linear+norm pairs are
+        layers, not blocks."""
         n = self.param_owners(m)
         if n < 2:
             return False
         if n == 2 and all(self.param_owners(c) <= 1 for c in m.children()):
-            return False
+            return not any(isinstance(d, _NORMS) for d in m.modules() if d._parameters)
         return True
 
     def count_blocks(self, m: nn.Module) -> int:
@@ -540,9 +542,9 @@ def auto_splitter(model: nn.Module, *, granularity: str = "stage", n_groups: Opt
     if not any(u.params for u in st.units):
         raise ValueError(f"{type(model).__name__} has no parameters: there is nothing to split")
     if not st.traced:
-        warnings.warn(f"auto_splitter could not run {type(model).__name__} on the meta device (its forward needs "
-                      "real data or other inputs): groups follow the registration order of its modules and the head "
-                      f"is guessed from the last top-level child; check them (find_structure) or pass a splitter",
+        warnings.warn(f"auto_splitter could not run {type(model).__name__} on the meta device (its forward failed "
+                      "there, or it has none): groups follow the registration order of its modules and the head is "
+                      "guessed from the last top-level child; check them (find_structure) or pass a splitter",
                       stacklevel=2)
 
     stem = [("stem", st.stem)] if any(u.params for u in st.stem) else []

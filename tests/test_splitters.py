@@ -372,3 +372,38 @@ def test_untraceable_model_warns_and_still_partitions():
         groups = auto_splitter(model)
     check_groups(model, groups)
     assert groups.names[-1] == "head" and {id(p) for p in groups[-1]} == {id(p) for p in model.fc.parameters()}
+
+
+class PlainRes(nn.Module):
+    "A residual block of two convs and no norm layer (identity skip): still a block, not a conv pair."
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.conv2, self.act = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(x + self.conv2(self.act(self.conv1(x))))
+
+
+class MixedNet(nn.Module):
+    "Stem, a stage of norm-free residual blocks, a stage of resnet BasicBlocks (with BatchNorm), classifier."
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer1 = nn.Sequential(PlainRes(8), PlainRes(8))
+        down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2), nn.BatchNorm2d(16))
+        self.layer2 = nn.Sequential(tvm.resnet.BasicBlock(8, 16, 2, down), tvm.resnet.BasicBlock(16, 16))
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.layer2(self.layer1(self.stem(x))).mean((2, 3)))
+
+
+def test_norm_free_residual_blocks_are_blocks():
+    model = MixedNet()
+    groups = auto_splitter(model, granularity="block")
+    assert_invariants(model, groups)
+    assert groups.names == ["stem", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "head"]
+    assert {id(p) for p in groups[0]} == {id(p) for p in model.stem.parameters()}
+    assert auto_splitter(model).names == ["stem", "stage1", "stage2", "head"]
