@@ -209,10 +209,12 @@ class FastFrozenBody(Callback):
     it) and, at a batch, whenever `learn.opt` or `learn.opt.frozen_idx` changed; call `refresh()` after flipping
     `requires_grad` by hand. Validation is untouched (fastai runs it in eval mode without grad anyway). Active in
     `lr_find` (which then sees the model the fit trains; silently), inert in `get_preds` / `validate`.
+    On a `torch.compile`d or `nn.DataParallel` model the body's forward is left as it is (swapping it would recompile
+    at every batch, or bypass the replicas): the norm layers still run in inference mode, and autograd records
+    nothing in a body where nothing requires grad.
 
     State on the learner: `learn.fast_frozen` (bool), `learn.fast_frozen_mode` (`""` or `"no_grad"`),
     `learn.fast_frozen_info` (one line for logs, `""` when off); a line is printed when the state changes.
-    Not for `torch.compile`d or `nn.DataParallel` models (the body's forward is replaced for each batch's call).
 
     Args:
         get_body: for a model that is not `nn.Sequential(body, head)`: returns its body, the module applied first
@@ -231,6 +233,7 @@ class FastFrozenBody(Callback):
         self.get_body, self.verbose = get_body, verbose
         self.on = False
         self._body: Optional[nn.Module] = None
+        self._keep_forward = False
         self._params: list = []
         self._norms: list = []
         self._evald: list = []          # norm layers this callback put in eval mode during the current epoch
@@ -268,7 +271,7 @@ class FastFrozenBody(Callback):
     def before_batch(self):
         "Cheap re-check (optimizer or `frozen_idx` changed), then run this batch's body forward without autograd."
         self._check()
-        if self.on:
+        if self.on and not self._keep_forward:
             self._install(_no_grad_forward)
 
     def after_batch(self):
@@ -317,6 +320,11 @@ class FastFrozenBody(Callback):
         self._body = body_of(self.learn.model, self.get_body)
         self._params = list(self._body.parameters())
         self._norms = norm_layers(self._body)
+        # under torch.compile the body's forward must stay the same object (a new one per batch recompiles every
+        # batch), and nn.DataParallel replicas would call the original module; nothing in a fully frozen body
+        # requires grad, so autograd records nothing there without no_grad either
+        self._keep_forward = unwrap_model(self.learn.model) is not self.learn.model or \
+            isinstance(getattr(self._body, "_orig_mod", None), nn.Module)
 
     def _signature(self) -> tuple:
         opt = self.learn.opt

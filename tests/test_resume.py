@@ -16,8 +16,8 @@ from fastai.learner import Learner, load_learner, load_model, save_model
 from fastai.vision.data import ImageDataLoaders
 from torch import nn
 
-from fastai_groups import GradualUnfreeze, GroupLogger, arch_summary, auto_splitter, check_groups, get_module, \
-    group_learner
+from fastai_groups import FastFrozenBody, GradualUnfreeze, GroupLogger, arch_summary, auto_splitter, check_groups, \
+    get_module, group_learner
 from fastai_groups.summary import summary_rows
 
 NAMES = ["stem", "stage1", "stage2", "stage3", "head"]     # TinyNet's groups (auto_splitter, group_learner)
@@ -410,3 +410,27 @@ def test_fp16_cuda_with_fast_frozen_body_and_logger(image_folder, tmp_path):
     assert len(stepped) == len(learn.probe.rows) >= 1
     assert np.array_equal(lr[[i for _, i in sorted(stepped)]], np.array([r[2] for r in learn.probe.rows]))
     assert (df.drop_duplicates("group")["state"] == ["frozen"] * 4 + ["trainable"]).all()
+
+
+def test_compiled_model_on_the_fast_frozen_body(image_folder):
+    """A compiled `Sequential(body, head)` with a fully frozen body: the fast path keeps the body's norm layers in
+    inference mode but does not swap the body's forward per batch (torch.compile would recompile at every batch
+    and give up at its recompile limit); autograd records nothing in the body anyway, nothing there needs grad."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU()))
+    model = nn.Sequential(body, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3)))
+    learn = Learner(make_dls(image_folder), torch.compile(model), splitter=auto_splitter, train_bn=False,
+                    cbs=[FastFrozenBody(verbose=False), Probe()])
+    learn.remove_cb(ProgressCallback)
+    learn.freeze()
+    stats = body[1].running_mean.clone()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    fit(learn, "fit", 2, LR)
+    assert learn.fast_frozen and {r[3] for r in learn.probe.rows} == {"no_grad"}
+    assert len(learn.probe.rows) == 2 * len(learn.dls.train) >= 12
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs <= 4  # not one graph per batch
+    assert torch.equal(body[1].running_mean, stats)                              # inference-mode BatchNorm
+    assert all(math.isfinite(float(v)) for v in learn.recorder.losses)
