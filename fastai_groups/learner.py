@@ -36,7 +36,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .head import create_head
-from .splitters import auto_splitter, find_structure
+from .splitters import auto_splitter, find_structure, on_meta
 from .summary import resolve_arch
 
 __all__ = ["ForwardBody", "TimmBody", "create_body", "feature_shape", "cnn_model", "group_learner", "GroupLearner"]
@@ -126,27 +126,6 @@ def _input_sizes(module: nn.Module) -> list[tuple[int, int]]:
     return list(dict.fromkeys(sizes))
 
 
-def _meta_slots(module: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
-    "Every parameter and buffer slot `(registry, name, tensor)` of `module`, each module once (shared ones too)."
-    return [(store, n, t) for m in module.modules() for store in (m._parameters, m._buffers)
-            for n, t in store.items() if t is not None]
-
-
-def _meta_tensors(slots: list, grad: bool = False) -> dict[int, torch.Tensor]:
-    """Meta stand-ins for the tensors of `slots`, by id of the original: one per tensor (leaf parameters requiring
-    grad when `grad`), so a tied weight or a module shared under several names (coat's `crpe`) stays tied.
-
-    They are put in the slots directly, not through `torch.func.functional_call`: that refuses several names for
-    one tensor unless they get the same value, and given it, restores a module reachable by two names wrongly,
-    leaving meta tensors in the real model (pytorch/pytorch#164759)."""
-    out = {}
-    for _, _, t in slots:
-        if id(t) not in out:
-            mt = torch.empty_like(t, device="meta")
-            out[id(t)] = nn.Parameter(mt, requires_grad=grad) if isinstance(t, nn.Parameter) else mt
-    return out
-
-
 class _Usage:
     "What meta forwards used: ids of the modules called, ids of the parameters that reached the output."
 
@@ -181,7 +160,6 @@ def _meta_run(module: nn.Module, n_in: int, fn: Optional[Callable] = None, train
     fn = fn or (lambda m, x: m(x))
     modes = [(m, m.training) for m in module.modules()]
     grad = usage is not None and not train
-    slots = _meta_slots(module)
     errors, hooks = [], usage.hooks(module) if usage is not None else []
     try:
         module.train(train)
@@ -189,22 +167,16 @@ def _meta_run(module: nn.Module, n_in: int, fn: Optional[Callable] = None, train
             if isinstance(m, nn.modules.batchnorm._NormBase):
                 m.training = False
         for hw in ([size] if size is not None else _input_sizes(module)):
-            tensors = _meta_tensors(slots, grad)
             x = torch.empty((2, n_in) + tuple(hw), device="meta")
             try:
-                for store, n, t in slots:
-                    store[n] = tensors[id(t)]
-                with torch.set_grad_enabled(grad), warnings.catch_warnings():
+                with on_meta(module, grad) as tensors, torch.set_grad_enabled(grad), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     out = fn(module, x)
             except Exception as e:  # a size the model does not accept: try the next
                 errors.append(f"{tuple(hw)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 continue
-            finally:  # the originals back, slot by slot
-                for store, n, t in slots:
-                    store[n] = t
             if grad:
-                usage.collect(out, {id(tensors[id(t)]): id(t) for _, _, t in slots if isinstance(t, nn.Parameter)})
+                usage.collect(out, {id(m): i for i, m in tensors.items() if isinstance(m, nn.Parameter)})
             return out
     finally:
         for h in hooks:

@@ -27,7 +27,7 @@ from torch import nn
 
 from .summary import instantiate, unwrap_model
 
-__all__ = ["ParamGroups", "Unit", "Structure", "find_structure", "auto_splitter", "check_groups", "checked",
+__all__ = ["ParamGroups", "Unit", "Structure", "find_structure", "auto_splitter", "check_groups", "checked", "on_meta",
            "group_names", "GRANULARITIES"]
 
 GRANULARITIES = ("stage", "fastai", "block")
@@ -228,23 +228,29 @@ def _input_sizes(model: nn.Module) -> list[tuple]:
 
 
 @contextlib.contextmanager
-def _on_meta(model: nn.Module):
-    """Swap every parameter and buffer of `model` for a meta copy (one per tensor: tied weights stay tied) and
-    put the originals back afterwards, slot by slot. (`torch.func.functional_call` restores a module used twice
-    wrongly: pytorch/pytorch#164759.)"""
-    slots, meta = [], {}
-    for m in model.modules():  # each module once, shared ones included
-        for store in (m._parameters, m._buffers):
-            for n, t in store.items():
-                if t is not None and not t.is_meta:
-                    slots.append((store, n, t))
+def on_meta(model: nn.Module, grad: Optional[bool] = None):
+    """Swap every parameter and buffer of `model` for a meta stand-in and put the originals back afterwards, slot
+    by slot: a forward inside costs no memory and leaves the model's tensors untouched. One stand-in per tensor, so
+    tied weights and modules shared under several names (timm's coat) stay tied. Stand-in parameters require grad
+    as the originals do, or as `grad` says. Yields `{id(original): stand-in}`. (Not `torch.func.functional_call`:
+    it restores a module reachable by two names wrongly, leaving meta tensors in the model, pytorch#164759.)
+
+    >>> m = nn.Linear(2, 3)
+    >>> with on_meta(m): m(torch.empty(1, 2, device="meta")).device.type
+    'meta'
+    """
+    slots = [(store, n, t) for m in model.modules() for store in (m._parameters, m._buffers)  # each module once
+             for n, t in store.items() if t is not None]
+    meta: dict[int, torch.Tensor] = {}
+    for _, _, t in slots:
+        if id(t) not in meta:
+            mt = torch.empty_like(t, device="meta")
+            rg = t.requires_grad if grad is None else grad
+            meta[id(t)] = nn.Parameter(mt, requires_grad=rg) if isinstance(t, nn.Parameter) else mt
     try:
         for store, n, t in slots:
-            if id(t) not in meta:
-                mt = t.detach().to("meta")
-                meta[id(t)] = nn.Parameter(mt, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else mt
             store[n] = meta[id(t)]
-        yield
+        yield meta
     finally:
         for store, n, t in slots:
             store[n] = t
@@ -280,7 +286,7 @@ def _trace(model: nn.Module, units: list[Unit]) -> str:
             counter[0] = 0
             x = torch.empty((2,) + size, device="meta")
             try:
-                with torch.no_grad(), warnings.catch_warnings(), _on_meta(model):
+                with torch.no_grad(), warnings.catch_warnings(), on_meta(model):
                     warnings.simplefilter("ignore")
                     model(x)
                 return "complete"
