@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import math
+import time
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
@@ -101,8 +102,9 @@ class GroupLogger(Callback):
     `learn.summary()`, `get_preds`, `validate`; files are written on rank 0 only.
 
     Args:
-        fname: CSV file (relative to `learn.path`) the history is also written to, appended at each epoch end and
-            at the end of each fit, so an interrupted run keeps its log. Example: `GroupLogger("groups.csv")`.
+        fname: CSV file (relative to `learn.path`) the history is also written to, appended at each epoch end, at
+            the end of each fit and every `flush_secs` (30 s) within an epoch, so an interrupted run keeps its log.
+            Example: `GroupLogger("groups.csv")`.
         show_table: print a table of the groups (name, params, trainable, state, lr of the first step) at the
             start of each fit and whenever the freeze state changes within a fit, with a `body:` line when the
             fast frozen body or the feature cache is on. Example: `show_table=False`.
@@ -117,13 +119,14 @@ class GroupLogger(Callback):
         learn.group_logger.plot().savefig("lrs.png")
     """
     order, run_valid = ParamScheduler.order + 2, False
+    flush_secs = 30.0  # within an epoch, the CSV file is appended at most this often (and at each epoch end)
 
     def __init__(self, fname: Optional[str] = None, show_table: bool = True, scan_every_batch: bool = False):
         self.fname, self.show_table, self.scan_every_batch = fname, show_table, scan_every_batch
         self._records: list = []       # (iter, epoch, fit, layout index, hyper values of all groups, flattened)
         self._layouts: list = []       # _Layout, referenced by index from the records
         self._n_iter, self._n_fit = 0, 0
-        self._written, self._csv_cols = 0, None
+        self._written, self._csv_cols, self._flushed = 0, None, time.monotonic()
         self._reset_fit()
 
     def _reset_fit(self):
@@ -164,6 +167,8 @@ class GroupLogger(Callback):
                 print(self.table(len(self._records) - 1) + (f"\nbody: {fast}" if fast else ""))
         if self._extra:
             self._log_extra(lay)
+        if self.fname and time.monotonic() - getattr(self, "_flushed", 0.0) > self.flush_secs:
+            self.flush()  # long epochs: an interrupted run keeps all but the last `flush_secs` on disk
 
     def after_epoch(self):
         "Append the new rows to the CSV file."
@@ -316,7 +321,7 @@ class GroupLogger(Callback):
             self._frame().to_csv(path, index=False)
         else:
             self._frame(self._written).to_csv(path, mode="a", header=False, index=False)
-        self._written, self._csv_cols = len(self._records), cols
+        self._written, self._csv_cols, self._flushed = len(self._records), cols, time.monotonic()
 
     def table(self, record: int = -1) -> str:
         "The groups at a recorded iteration (default: the last) as printed at the start of a fit."

@@ -181,6 +181,18 @@ def test_csv_survives_interruption(image_folder):
     pd.testing.assert_frame_equal(pd.read_csv(path), df, check_dtype=False)
 
 
+def test_csv_appended_within_an_epoch(image_folder):
+    "With `flush_secs=0` every batch reaches the file: a crash mid-epoch loses nothing already recorded."
+    lg = GroupLogger("mid.csv", show_table=False)
+    lg.flush_secs = 0
+    learn = make_learner(image_folder, cbs=[lg])
+    with pytest.raises(RuntimeError, match="interrupted"):
+        learn.fit(3, lr=1e-3, cbs=CrashAt())
+    df = lg.history
+    assert df["epoch"].max() == 1
+    pd.testing.assert_frame_equal(pd.read_csv(learn.path / "mid.csv"), df, check_dtype=False)
+
+
 def test_inert_outside_training(tuned, capsys):
     learn, _ = tuned
     lg = learn.group_logger
