@@ -323,8 +323,7 @@ class FastFrozenBody(Callback):
         # under torch.compile the body's forward must stay the same object (a new one per batch recompiles every
         # batch), and nn.DataParallel replicas would call the original module; nothing in a fully frozen body
         # requires grad, so autograd records nothing there without no_grad either
-        self._keep_forward = unwrap_model(self.learn.model) is not self.learn.model or \
-            isinstance(getattr(self._body, "_orig_mod", None), nn.Module)
+        self._keep_forward = _forward_must_stay(self.learn.model, self._body)
 
     def _signature(self) -> tuple:
         opt = self.learn.opt
@@ -389,6 +388,23 @@ class FastFrozenBody(Callback):
         if self._call is not None:
             self._call.restore()
             self._call = None
+
+
+def _forward_must_stay(model: nn.Module, body: nn.Module) -> bool:
+    """Whether the body's `forward` must not be swapped: `model` (or the body) runs under `torch.compile`, or through
+    `nn.DataParallel` (its replicas would call the original module). DistributedDataParallel calls the module itself.
+
+    >>> _forward_must_stay(nn.DataParallel(nn.Sequential(nn.Linear(2, 2))), nn.Linear(2, 2))
+    True
+    """
+    for m in (model, body):
+        while True:
+            if isinstance(getattr(m, "_orig_mod", None), nn.Module) or isinstance(m, nn.DataParallel):
+                return True
+            if not isinstance(m, nn.parallel.DistributedDataParallel):
+                break
+            m = m.module
+    return False
 
 
 def _leader(learn) -> Optional[FastFrozenBody]:
@@ -505,7 +521,8 @@ class FeatureCache(FastFrozenBody):
     Refusals (`ValueError`, see `check_cacheable`): random augmentation of the training set (cached features would
     freeze one random view: train the frozen phase with deterministic data, e.g. `Resize(size, method="squish")`
     and no augmentation, or drop the cache; a `Resize` crop of images already at the right aspect is deterministic
-    and accepted), `MixUp` / `CutMix`, several inputs.
+    and accepted), `MixUp` / `CutMix`, several inputs, a `torch.compile`d or `nn.DataParallel` model (the cache
+    swaps the body's forward per batch; `FastFrozenBody` works there).
 
     Memory: features and targets of all items must fit in `max_bytes` (measured on the first batch). When they do
     not, a notice is printed and training continues without the cache on the fast frozen body (no autograd,
@@ -585,6 +602,10 @@ class FeatureCache(FastFrozenBody):
         self._serving = False
         if not (self.on and self._usable and self.learn.dl is self.learn.dls.train):
             return
+        if self._keep_forward:
+            raise ValueError("FeatureCache: learn.model runs under torch.compile or nn.DataParallel, where the cache "
+                             "cannot skip the body (its forward must stay as it is); train the frozen phase on the "
+                             "bare model, or use FastFrozenBody instead of the cache")
         if not self._valid():
             if self.store is not None:
                 self.clear()

@@ -16,8 +16,8 @@ from fastai.learner import Learner, load_learner, load_model, save_model
 from fastai.vision.data import ImageDataLoaders
 from torch import nn
 
-from fastai_groups import FastFrozenBody, GradualUnfreeze, GroupLogger, arch_summary, auto_splitter, check_groups, \
-    get_module, group_learner
+from fastai_groups import FastFrozenBody, FeatureCache, GradualUnfreeze, GroupLogger, arch_summary, auto_splitter, \
+    check_groups, get_module, group_learner
 from fastai_groups.summary import summary_rows
 
 NAMES = ["stem", "stage1", "stage2", "stage3", "head"]     # TinyNet's groups (auto_splitter, group_learner)
@@ -434,3 +434,17 @@ def test_compiled_model_on_the_fast_frozen_body(image_folder):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs <= 4  # not one graph per batch
     assert torch.equal(body[1].running_mean, stats)                              # inference-mode BatchNorm
     assert all(math.isfinite(float(v)) for v in learn.recorder.losses)
+
+
+def test_feature_cache_refuses_compiled_and_dataparallel_models(image_folder):
+    "The cache must swap the body's forward per batch, which torch.compile and DataParallel do not allow: say so."
+    for wrap in (torch.compile, nn.DataParallel):
+        body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU()))
+        model = nn.Sequential(body, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3)))
+        learn = Learner(make_dls(image_folder), wrap(model), splitter=auto_splitter, train_bn=False,
+                        cbs=FeatureCache(verbose=False))
+        learn.remove_cb(ProgressCallback)
+        learn.freeze()
+        with pytest.raises(ValueError, match="FeatureCache: learn.model runs under torch.compile or nn.DataParallel"):
+            fit(learn, "fit", 1, LR)
