@@ -36,7 +36,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .head import create_head
-from .splitters import auto_splitter, find_structure, on_meta
+from .splitters import _first_tensor, auto_splitter, find_structure, on_meta
 from .summary import resolve_arch
 
 __all__ = ["ForwardBody", "TimmBody", "create_body", "feature_shape", "cnn_model", "group_learner", "GroupLearner"]
@@ -88,16 +88,6 @@ def _set_attr(root: nn.Module, **attrs) -> nn.Module:
     for k, v in attrs.items():
         setattr(out, k, v)
     return out
-
-
-def _first_tensor(x):
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, (list, tuple)):
-        return next((t for t in map(_first_tensor, x) if t is not None), None)
-    if isinstance(x, dict):
-        return _first_tensor(list(x.values()))
-    return None
 
 
 def _is_timm_model(model: nn.Module) -> bool:
