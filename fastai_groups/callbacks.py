@@ -31,7 +31,8 @@ from fastcore.basics import even_mults
 
 from .splitters import group_names
 
-__all__ = ["GroupLogger", "GradualUnfreeze", "GroupLRFinder", "group_lr_find", "slice_ratios", "freeze_state"]
+__all__ = ["GroupLogger", "GradualUnfreeze", "GroupLRFinder", "group_lr_find", "slice_ratios", "freeze_state",
+           "learner_group_names"]
 
 TRAINABLE, PARTIAL, FROZEN = "trainable", "partial", "frozen"
 _FIXED_HEAD = ("iter", "epoch", "fit", "group", "name")
@@ -62,6 +63,27 @@ def freeze_state(trainable: int, params: int) -> str:
     if trainable == params:
         return TRAINABLE
     return FROZEN if trainable == 0 else PARTIAL
+
+
+def learner_group_names(learn: Learner) -> list[str]:
+    """Names of `learn.opt`'s parameter groups: the splitter's (`auto_splitter` names its groups) when its groups are,
+    by identity, the optimizer's ones; else `group0`, `group1`, ...
+
+    >>> learner_group_names(Learner(dls, model, splitter=auto_splitter))  # doctest: +SKIP
+    ['stem', 'stage1', 'stage2', 'stage3', 'stage4', 'head']
+    """
+    pls = learn.opt.param_lists
+    default = [f"group{i}" for i in range(len(pls))]
+    try:
+        groups = learn.splitter(learn.model)
+    except Exception:
+        return default
+    if not isinstance(groups, Sequence) or len(groups) != len(pls):
+        return default
+    for g, pg in zip(groups, pls):
+        if not isinstance(g, (list, tuple)) or len(g) != len(pg) or any(a is not b for a, b in zip(g, pg)):
+            return default
+    return group_names(groups)
 
 
 def _is_hyper(v) -> bool:
@@ -144,7 +166,7 @@ class GroupLogger(Callback):
         if not self._in_fit:
             self._in_fit, self._fit_idx = True, self._n_fit
             self._n_fit += 1
-            self._names = self._find_names()
+            self._names = learner_group_names(self.learn)
             self._extra = self._loggers()
             self._table_due = True
         self.refresh()
@@ -216,21 +238,6 @@ class GroupLogger(Callback):
         for h in hypers:
             keys += [k for k, v in h.items() if k not in keys and _is_hyper(v)]
         return tuple(sorted(keys, key=lambda k: k != "lr"))   # lr first, then the optimizer's own order
-
-    def _find_names(self) -> list[str]:
-        "Names from the learner's splitter when its groups are, by identity, the optimizer's ones; else `group{i}`."
-        pls = self.learn.opt.param_lists
-        default = [f"group{i}" for i in range(len(pls))]
-        try:
-            groups = self.learn.splitter(self.learn.model)
-        except Exception:
-            return default
-        if not isinstance(groups, Sequence) or len(groups) != len(pls):
-            return default
-        for g, pg in zip(groups, pls):
-            if not isinstance(g, (list, tuple)) or len(g) != len(pg) or any(a is not b for a, b in zip(g, pg)):
-                return default
-        return group_names(groups)
 
     # ------------------------------------------------------------------------------------ tensorboard / wandb
     def _loggers(self) -> tuple:

@@ -35,6 +35,7 @@ from fastai.optimizer import Adam
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .callbacks import learner_group_names
 from .head import create_head
 from .splitters import _first_tensor, auto_splitter, find_structure, on_meta
 from .summary import resolve_arch
@@ -610,10 +611,8 @@ def _adapt_first_conv(model: nn.Module, n_in: int, pretrained: bool) -> nn.Modul
 # Building
 # ----------------------------------------------------------------------------------------------------------------
 def _is_timm_factory(fn: Callable) -> bool:
-    target = fn
-    while isinstance(target, functools.partial):
-        target = target.func
-    return getattr(target, "__module__", "").startswith("timm.")
+    from .weights import _target
+    return getattr(_target(fn), "__module__", "").startswith("timm.")
 
 
 def _load(arch: Any, pretrained: bool, weights: Any, n_in: int) -> tuple[nn.Module, dict, bool]:
@@ -815,7 +814,7 @@ class GroupLearner(Learner):
         if isinstance(n, bool) or not isinstance(n, numbers.Integral):
             raise TypeError(f"freeze_to takes an int (the number of groups to freeze), got {type(n).__name__}")
         k = len(self.opt.param_lists)
-        names = _group_names(self)
+        names = learner_group_names(self)
         if not -k <= n <= k:
             raise IndexError(f"freeze_to({n}): the learner has {k} parameter groups ({', '.join(names)}); "
                              f"use -{k}..{k}")
@@ -940,7 +939,7 @@ def _train_state(learn) -> dict:
     "What a checkpoint needs beyond fastai's: groups, freeze state, the GroupLogger history (plain Python data)."
     from .callbacks import GroupLogger
     logger = getattr(learn, "group_logger", None)
-    return {"names": _group_names(learn), "sizes": _sizes(learn),
+    return {"names": learner_group_names(learn), "sizes": _sizes(learn),
             "requires_grad": [[bool(p.requires_grad) for p in pg] for pg in learn.opt.param_lists],
             "frozen_idx": int(getattr(learn.opt, "frozen_idx", 0)),
             "logger": logger.state_dict() if isinstance(logger, GroupLogger) else None}
@@ -952,7 +951,7 @@ def _describe(names: list, sizes: list) -> str:
 
 def _check_grouping(learn, opt_state: dict, extra: Optional[dict], file) -> None:
     "`ValueError` when the checkpoint's groups are not this learner's (count, or tensors and elements per group)."
-    here = _describe(_group_names(learn), _sizes(learn))
+    here = _describe(learner_group_names(learn), _sizes(learn))
     if extra is not None:
         if [list(s) for s in extra["sizes"]] == _sizes(learn):
             return
@@ -986,16 +985,6 @@ def _with_fast_frozen(cbs: list, cache: bool) -> list:
     if not any(isinstance(c, kind) or (isinstance(c, type) and issubclass(c, kind)) for c in cbs):
         cbs.append(kind())
     return cbs
-
-
-def _group_names(learn) -> list[str]:
-    "The splitter's group names when it gives them (auto_splitter), else group0, group1, ..."
-    k = len(learn.opt.param_lists)
-    try:
-        names = getattr(learn.splitter(learn.model), "names", None)
-    except Exception:
-        names = None
-    return list(names) if names is not None and len(names) == k else [f"group{i}" for i in range(k)]
 
 
 def group_learner(dls, arch: Any, n_out: Optional[int] = None, pretrained: bool = True, weights: Any = None,

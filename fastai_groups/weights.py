@@ -13,7 +13,6 @@ keys that do not fit. `lite0_state_dict()` renames the lite0 package's weights t
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Union
@@ -21,7 +20,7 @@ from typing import Any, Callable, Mapping, Union
 import torch
 from torch import nn
 
-from .summary import instantiate, resolve_arch, unwrap_model
+from .summary import _accepts, instantiate, resolve_arch, unwrap_model
 
 __all__ = ["LITE0_ARCH", "lite0_state_dict", "load_state_dict", "build_model", "model_stats"]
 
@@ -204,13 +203,6 @@ def _target(fn: Callable) -> Callable:
     while isinstance(fn, functools.partial):
         fn = fn.func
     return fn
-
-
-def _accepts(fn: Callable, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _describe(arch: Any) -> str:
