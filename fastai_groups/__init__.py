@@ -58,7 +58,7 @@ _EXPORTS = {
     **dict.fromkeys(["GroupLRFinder", "group_lr_find", "slice_ratios"], "lr_find"),
     **dict.fromkeys(["FastFrozenBody", "body_of"], "frozen"),
     **dict.fromkeys(["FeatureCache", "check_cacheable"], "cache"),
-    **dict.fromkeys(["build_model", "lite0_state_dict", "load_state_dict", "model_stats"], "weights"),
+    **dict.fromkeys(["build_model", "lite0_state_dict", "load_state_dict", "model_stats", "known_stats"], "weights"),
     **dict.fromkeys(["FASHION_CLASSES", "check_image_folder", "data_home", "fashion_mnist", "product_sample",
                      "read_idx"], "data"),
     **dict.fromkeys(["DDPRewrap", "cpu_distrib_ctx", "patch_cpu_broadcast"], "distributed"),

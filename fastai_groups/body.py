@@ -31,7 +31,7 @@ from ._meta import Usage, meta_run
 from ._utils import first_tensor, replace, set_attr, shallow, unwrap_callable
 from .arch import resolve_arch
 from .structure import find_structure
-from .weights import build_model
+from .weights import build_model, known_stats
 
 __all__ = ["ForwardBody", "TimmBody", "create_body", "feature_shape", "build_body", "AUX_ATTRS", "Cut"]
 
@@ -482,12 +482,17 @@ def _is_timm_factory(fn: Callable) -> bool:
     return getattr(unwrap_callable(fn), "__module__", "").startswith("timm.")
 
 
-def _load(arch: Any, pretrained: bool, weights: Any, n_in: int) -> tuple[nn.Module, dict, bool]:
-    "The full model with its weights (and n_in channels), its normalisation stats, and whether we built it."
-    use_weights = bool(pretrained) or weights is not None
+def _load(arch: Any, pretrained: Optional[bool], weights: Any, n_in: int) -> tuple[nn.Module, Optional[dict], bool]:
+    """The full model with its weights (and n_in channels), its normalisation stats, and whether we built it.
+
+    A model instance is taken with the weights it has: its stats are the known ones (`known_stats`: `weights=`,
+    its timm config, torchvision's/fastai's ImageNet) when `pretrained=True` or `weights` is given, else None
+    (as given: nothing is known about its weights). Names, classes and factories: `pretrained=None` means True."""
     if isinstance(arch, nn.Module):
-        model, stats = build_model(arch, pretrained=use_weights, weights=weights)
-        return _adapt_first_conv(model, n_in, use_weights), stats, False
+        model, _ = build_model(arch, weights=weights)
+        stats = None if pretrained is None and weights is None else known_stats(model, weights)[0]
+        return _adapt_first_conv(model, n_in, pretrained is not False or weights is not None), stats, False
+    use_weights = pretrained is not False or weights is not None
     if isinstance(arch, str):
         arch = resolve_arch(arch)
     if not callable(arch):
@@ -517,9 +522,10 @@ def _cut(model: nn.Module, cut: Cut) -> nn.Module:
     raise TypeError(f"cut must be None, an int or a callable, got {type(cut).__name__}")
 
 
-def build_body(arch: Any, pretrained: bool = True, cut: Cut = None, weights: Any = None,
-                 n_in: int = 3) -> tuple[nn.Module, dict, Optional[torch.Size]]:
-    "`create_body`, plus the normalisation stats of the weights and the body's output shape (None when cut)."
+def build_body(arch: Any, pretrained: Optional[bool] = None, cut: Cut = None, weights: Any = None,
+               n_in: int = 3) -> tuple[nn.Module, Optional[dict], Optional[torch.Size]]:
+    """`create_body`, plus the normalisation stats of the weights (None when unknown: a model instance taken as
+    given, or one whose weights' stats are not known) and the body's output shape (None when cut)."""
     if isinstance(n_in, bool) or not isinstance(n_in, numbers.Integral) or n_in < 1:
         raise ValueError(f"n_in must be a positive int, got {n_in!r}")
     model, stats, owned = _load(arch, pretrained, weights, int(n_in))
@@ -539,7 +545,7 @@ def build_body(arch: Any, pretrained: bool = True, cut: Cut = None, weights: Any
     return body, stats, shape
 
 
-def create_body(arch: Any, pretrained: bool = True, cut: Cut = None, weights: Any = None,
+def create_body(arch: Any, pretrained: Optional[bool] = None, cut: Cut = None, weights: Any = None,
                 n_in: int = 3) -> nn.Module:
     """The feature extractor of `arch`, returning a `(B, C, H, W)` map, without its classifier.
 
@@ -547,8 +553,9 @@ def create_body(arch: Any, pretrained: bool = True, cut: Cut = None, weights: An
     class, a factory (`torchvision.models.resnet50`, `functools.partial`, ...) or a name (`"resnet50"`,
     `"timm:convnext_atto"`, `"fastai:xresnet18"`; see `resolve_arch`).
     `pretrained` / `weights`: the weights, from `fastai_groups.weights.build_model` (`weights` may be a local
-    file, a state_dict or a torchvision weights name; giving it implies pretrained). `pretrained=False` and
-    `weights=None`: random init.
+    file, a state_dict or a torchvision weights name; giving it implies pretrained). `pretrained=None` (default):
+    the published weights for a name, class or factory; a model instance keeps the weights it has.
+    `pretrained=False` and `weights=None`: random init (for an instance, only a new first conv when `n_in != 3`).
     `cut`: fastai's override: an int keeps `list(model.children())[:cut]` as an `nn.Sequential`, a callable
     `cut(model)` returns the body.
     `n_in`: input channels; the first Conv2d is adapted (pretrained RGB kernels summed for 1 channel, as fastai;

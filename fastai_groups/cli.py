@@ -142,12 +142,10 @@ def _groups_table(learn) -> str:
 # Sub-commands
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_summary(args) -> None:
-    from .splitters import auto_splitter
     from .summary import arch_summary
     idxs = [int(i) if i.lstrip("-").isdigit() else i for i in args.idxs] or None
-    groups = functools.partial(auto_splitter, granularity=args.groups) if args.groups else None
     try:
-        arch_summary(args.arch, idxs, verbose=args.verbose, params=args.params, groups=groups)
+        arch_summary(args.arch, idxs, verbose=args.verbose, params=args.params, groups=args.groups)
     except (ValueError, IndexError, AttributeError, TypeError) as e:
         raise UsageError(str(e)) from None
 

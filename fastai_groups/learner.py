@@ -15,6 +15,7 @@ from fastai.learner import Learner
 from fastai.optimizer import Adam
 from torch import nn
 
+from ._utils import say, unwrap_model
 from .body import Cut, build_body
 from .callbacks import GroupLogger
 from .checkpoint import export_state, load_checkpoint, restore_export, save_checkpoint
@@ -22,6 +23,7 @@ from .frozen import FastFrozenBody
 from .cache import FeatureCache
 from .head import join_head
 from .splitters import auto_splitter, group_names, learner_group_names
+from .weights import known_stats
 
 __all__ = ["group_learner", "GroupLearner"]
 
@@ -49,6 +51,22 @@ def _add_norm(dls, stats: dict, n_in: int) -> None:
                       "own Normalize to the DataLoaders' batch_tfms", stacklevel=3)
         return
     dls.add_tfms([Normalize.from_stats(mean, std)], "after_batch")
+
+
+def _instance_note(model: nn.Module, frozen: bool, stats: Optional[dict], weights: Any) -> str:
+    "The line saying what `group_learner` did with a model instance (`stats`: {} when `normalize=False`)."
+    name = f"{type(unwrap_model(model)).__name__} instance"
+    if not frozen:
+        return (f"{name} taken as given: not frozen, no Normalize added; pass pretrained=True to freeze its body "
+                "(and normalise with its weights' stats)")
+    if stats is None:
+        norm = ("no Normalize added (the stats its weights expect are unknown: add Normalize.from_stats(mean, std) "
+                "to the DataLoaders' batch_tfms)")
+    elif not stats:
+        norm = "no Normalize added (normalize=False)"
+    else:
+        norm = f"normalised with {known_stats(model, weights)[1]}"
+    return f"{name} taken as pretrained: body frozen, {norm}"
 
 
 def _with_group_logger(cbs) -> list:
@@ -194,7 +212,7 @@ def _with_fast_frozen(cbs: list, cache: bool) -> list:
     return cbs
 
 
-def group_learner(dls, arch: Any, n_out: Optional[int] = None, pretrained: bool = True, weights: Any = None,
+def group_learner(dls, arch: Any, n_out: Optional[int] = None, pretrained: Optional[bool] = None, weights: Any = None,
                   splitter: Optional[Callable] = auto_splitter, cut: Cut = None, train_bn: bool = True,
                   cache_features: bool = False, metrics=None, cbs=None, n_in: int = 3,
                   loss_func: Optional[Callable] = None, opt_func: Callable = Adam, lr: float = 1e-3,
@@ -204,9 +222,14 @@ def group_learner(dls, arch: Any, n_out: Optional[int] = None, pretrained: bool 
     - `n_out`: from the data (`get_c(dls)`) when None; a `ValueError` when given and different from the data's.
     - `arch`, `pretrained`, `weights`, `cut`, `n_in`: as in `create_body` (`cut` is honoured, unlike
       `vision_learner`, fastai issue #4027).
-    - When `pretrained` (or `weights` given): `Normalize` with the weights' stats (torchvision/ImageNet or the
-      timm config) is added to `dls.after_batch` unless one is there (and `normalize`), and the Learner is
-      frozen (`learn.freeze()`: all groups but the head; BatchNorms stay trainable with `train_bn`).
+    - Pretrained (a name, class or factory with `pretrained=None`/`True`, or `weights` given): `Normalize` with
+      the weights' stats (torchvision/ImageNet or the timm config) is added to `dls.after_batch` unless one is
+      there (and `normalize`), and the Learner is frozen (`learn.freeze()`: all groups but the head; BatchNorms
+      stay trainable with `train_bn`).
+    - A model instance is taken as given by default (`pretrained=None`: its weights may be random or the user's):
+      not frozen, no `Normalize`. `pretrained=True` (or `weights=`) freezes its body and adds `Normalize` when
+      its weights' stats are known (`known_stats`: `weights=`, the timm config, torchvision's/fastai's ImageNet),
+      none otherwise. Either way one line says what was done.
     - `splitter`: parameter groups, `auto_splitter` by default (None means `auto_splitter` too).
     - `train_bn`: fastai's meaning (a frozen group's norm layers keep training). With `train_bn=False` a frozen
       body is fully frozen and runs on the fast path (`FastFrozenBody`: no autograd, norm layers in inference
@@ -239,9 +262,12 @@ def group_learner(dls, arch: Any, n_out: Optional[int] = None, pretrained: bool 
 
     body, stats, shape = build_body(arch, pretrained=pretrained, cut=cut, weights=weights, n_in=n_in)
     model = join_head(body, n_out, n_in, init, kwargs, shape)
-    use_weights = bool(pretrained) or weights is not None
-    if normalize and use_weights:
+    instance = isinstance(arch, nn.Module)
+    use_weights = weights is not None or (pretrained is not False if not instance else bool(pretrained))
+    if normalize and use_weights and stats is not None:
         _add_norm(dls, stats, n_in)
+    if instance and (pretrained is not False or weights is not None):
+        say(_instance_note(arch, use_weights, stats if normalize else {}, weights))
     cbs = _with_fast_frozen(_with_group_logger(cbs), cache_features)
     learn = GroupLearner(dls, model, loss_func=loss_func, opt_func=opt_func, lr=lr,
                          splitter=splitter or auto_splitter, cbs=cbs, metrics=metrics, train_bn=train_bn,

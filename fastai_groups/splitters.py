@@ -2,7 +2,7 @@
 
 Groups per granularity:
 
-- `"stage"`: stem, one group per stage, head;
+- `"stage"`: stem, one group per stage, head (no stem group when the model has none: AlexNet, VGG);
 - `"fastai"`: early body, late body, head (fastai's `_resnet_split` / `_densenet_split` on their models);
 - `"block"`: stem, one group per block, head.
 
@@ -41,6 +41,14 @@ class ParamGroups(list):
         self.names = list(names) if names is not None else [f"group{i}" for i in range(len(self))]
         if len(self.names) != len(self):
             raise ValueError(f"{len(self.names)} names for {len(self)} groups")
+
+    def __repr__(self) -> str:
+        "`ParamGroups(6 groups: stem (3 tensors, 9,536), stage1 (...), ..., head (2 tensors, 2,049,000))`"
+        parts = [f"{n} ({len(g)} tensor{'s' * (len(g) != 1)}, {sum(p.numel() for p in g):,})"
+                 for n, g in zip(self.names, self)]
+        if len(parts) > 12:
+            parts = parts[:10] + [f"... {len(parts) - 11} more"] + parts[-1:]
+        return f"ParamGroups({len(self)} groups: {', '.join(parts)})"
 
 
 def group_names(groups: Sequence) -> list[str]:

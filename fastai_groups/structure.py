@@ -38,6 +38,14 @@ class Unit:
     res: Optional[int] = None         # spatial size (H*W, or tokens) of its output; None if pooled/unknown
     executed: bool = False
 
+    def __repr__(self) -> str:
+        "`Unit('layer1.0', Bottleneck, block, 12 tensors, 75,008 elements, res=3136)`: no module, no tensors."
+        kind = "block" if self.block else "layer" if self.module is not None else "direct params"
+        res = f", res={self.res}" if self.res is not None else ""
+        n = len(self.params)
+        return (f"Unit({self.name!r}, {self.cls}, {kind}, {n} tensor{'s' * (n != 1)}, "
+                f"{sum(p.numel() for p in self.params):,} elements{res})")
+
 
 class _Shape:
     "Cached structural facts about modules (ids are only valid while the model lives)."
@@ -234,6 +242,18 @@ class Structure:
 
     def n_params(self, units) -> int:
         return sum(p.numel() for u in units for p in u.params)
+
+    def __repr__(self) -> str:
+        """`Structure(stem=[conv1, bn1, relu, maxpool], stages=4 (3, 4, 6, 3 units), head=[avgpool, fc],
+        traced=complete)`: unit names and counts (a unit's own repr has its class and size)."""
+        def names(units, k=6):
+            shown = [u.name or "<root>" for u in units[:k]]
+            return "[" + ", ".join(shown) + (f", ... ({len(units) - k} more)" if len(units) > k else "") + "]"
+        sizes = tuple(len(s) for s in self.stages)
+        sizes = ", ".join(map(str, sizes[:12])) + (", ..." if len(sizes) > 12 else "")
+        traced = "complete" if self.complete else "partial" if self.traced else "no"
+        return (f"Structure(stem={names(self.stem)}, stages={len(self.stages)} ({sizes} units), "
+                f"head={names(self.head)}, traced={traced})")
 
 
 def _root_name(u: Unit) -> str:

@@ -6,6 +6,7 @@ they work from the module tree and a meta trace (`structure.py`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from ._utils import CONTAINERS, unwrap_model
 from .arch import Idxs, get_module, instantiate, parse_path, resolve_arch, walk_path
-from .splitters import group_names
+from .splitters import GRANULARITIES, auto_splitter, group_names, learner_group_names
 
 __all__ = ["Row", "summary_rows", "arch_summary", "count_layers", "is_container",
            "get_module", "instantiate", "resolve_arch", "unwrap_model"]   # the last four: old import paths
@@ -97,14 +98,32 @@ def summary_rows(arch: Any, idxs: Idxs = None) -> list[Row]:
     return rows
 
 
-def _group_of_rows(rows: list[Row], groups: Any, model: nn.Module) -> list[str]:
-    "Name of the group each row's parameters fall in ('a+b' when it spans several, '-' when it has none)."
-    if hasattr(groups, "splitter") and hasattr(groups, "model"):  # a fastai Learner
-        groups, model = groups.splitter, groups.model
-        model = unwrap_model(model)
+def _is_learner(x: Any) -> bool:
+    return hasattr(x, "splitter") and hasattr(x, "model")
+
+
+def _groups_and_names(groups: Any, model: nn.Module) -> tuple[list, list[str]]:
+    """The parameter groups `groups` stands for, and their names: a granularity name (`auto_splitter`'s), a
+    splitter (called on `model`), a splitter's output, or a fastai `Learner` (its optimizer's groups and recorded
+    names, else its splitter's groups)."""
+    if isinstance(groups, str):
+        if groups not in GRANULARITIES:
+            raise ValueError(f"groups={groups!r} is not a granularity: use one of "
+                             f"{', '.join(map(repr, GRANULARITIES))}, a splitter, its output or a Learner")
+        groups = functools.partial(auto_splitter, granularity=groups)
+    if _is_learner(groups):
+        learn = groups
+        if getattr(learn, "opt", None) is not None:
+            return list(learn.opt.param_lists), learner_group_names(learn)
+        groups, model = learn.splitter, unwrap_model(learn.model)
     if callable(groups):
         groups = groups(model)
-    names = group_names(groups)
+    return list(groups), group_names(groups)
+
+
+def _group_of_rows(rows: list[Row], groups: Any, model: nn.Module) -> list[str]:
+    "Name of the group each row's parameters fall in ('a+b' when it spans several, '-' when it has none)."
+    groups, names = _groups_and_names(groups, model)
     where = {}
     for g, ps in enumerate(groups):
         for p in ps:
@@ -113,6 +132,10 @@ def _group_of_rows(rows: list[Row], groups: Any, model: nn.Module) -> list[str]:
     for r in rows:
         gs = sorted({where[id(p)] for p in r.module.parameters() if id(p) in where})
         out.append("+".join(names[g] for g in gs) if gs else "-")
+    if any(r.params for r in rows) and all(o == "-" for o in out):
+        raise ValueError("the groups hold none of the summarised model's parameters: they were made from another "
+                         "model (a class or name is built anew); pass the model itself, or a granularity name such "
+                         "as groups='stage'")
     return out
 
 
@@ -122,14 +145,16 @@ def arch_summary(arch: Any, idxs: Idxs = None, verbose: bool = False, params: bo
 
     `[i ] (name)  Type             : n   layers`; the name column appears only when the children have
     non-numeric names. `verbose=True` lists each child's children beneath it. `params=True` adds the
-    parameter count and the trainable state (`yes`/`no`/`partial`). `groups` (a splitter such as
-    `auto_splitter`, its output, or a fastai `Learner`) adds the parameter group of each row.
+    parameter count and the trainable state (`yes`/`no`/`partial`). `groups` adds the parameter group of each
+    row: a granularity name (`"stage"`, `"fastai"`, `"block"`: `auto_splitter`'s groups), a splitter, its output
+    for this model, or a fastai `Learner` (its groups and names; pass the learner as `arch` too). An unknown
+    name, or groups that hold none of the model's parameters, raise `ValueError`.
 
     >>> arch_summary(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
     [0 ] Conv2d           : 1   layers
     [1 ] ReLU             : 1   layers
     """
-    model = instantiate(arch if not (hasattr(arch, "splitter") and hasattr(arch, "model")) else arch.model)
+    model = instantiate(arch.model if _is_learner(arch) else arch)
     rows = summary_rows(model, idxs)
     show_names = any(not r.name.isdigit() for r in rows)
     width = max((len(r.name) + 2 for r in rows), default=0) + 2

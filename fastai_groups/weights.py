@@ -23,7 +23,7 @@ from torch import nn
 from ._utils import accepts, unwrap_callable, unwrap_model
 from .arch import instantiate, resolve_arch
 
-__all__ = ["LITE0_ARCH", "lite0_state_dict", "load_state_dict", "build_model", "model_stats"]
+__all__ = ["LITE0_ARCH", "lite0_state_dict", "load_state_dict", "build_model", "model_stats", "known_stats"]
 
 PathLike = Union[str, os.PathLike]
 Stats = dict[str, tuple[float, ...]]
@@ -198,6 +198,26 @@ def model_stats(model: nn.Module) -> Stats:
     if cfg.get("mean") is not None and cfg.get("std") is not None:
         return {"mean": tuple(float(x) for x in cfg["mean"]), "std": tuple(float(x) for x in cfg["std"])}
     return _imagenet()
+
+
+def known_stats(model: nn.Module, weights: Any = None) -> tuple[Stats | None, str]:
+    """The normalisation stats a model instance's weights expect, when they are known, and where they come from:
+    a torchvision `weights` enum member's transforms, the model's timm `pretrained_cfg`, ImageNet's for
+    torchvision and fastai models (all their published weights use them); `(None, "")` for any other model.
+
+    >>> known_stats(nn.Sequential(nn.Conv2d(3, 8, 3)))
+    (None, '')
+    """
+    if _is_weights_enum(weights):
+        return _tv_stats(weights), f"the stats of {weights}"
+    model = unwrap_model(model)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("mean") is not None and cfg.get("std") is not None:
+        return model_stats(model), "the stats of its timm pretrained_cfg"
+    module = type(model).__module__
+    if module.startswith(("torchvision.models", "fastai.")):
+        return _imagenet(), f"ImageNet's stats (those of every {module.split('.')[0]} weight)"
+    return None, ""
 
 
 def _describe(arch: Any) -> str:
