@@ -102,6 +102,39 @@ def test_group_learner_errors(folder):
     assert group_learner(dls, resnet18, n_out=3, pretrained=False).n_out == 3
 
 
+def test_group_learner_takes_a_model_instance_as_given(folder, capsys):
+    "issue 16.1: an instance is not assumed pretrained; pretrained=True freezes it; one line says what was done."
+    import timm
+    from torchvision.models import alexnet
+    dls = folder_dls(folder, size=64)
+    learn = group_learner(dls, alexnet())  # freshly initialised: trained as is
+    assert not learn.pretrained and not normalizers(dls)
+    assert all(p.requires_grad for p in learn.model.parameters())
+    assert ("AlexNet instance taken as given: not frozen, no Normalize added; pass pretrained=True to freeze its "
+            "body") in capsys.readouterr().out
+    learn = group_learner(dls, alexnet(), pretrained=True)  # asked: frozen, ImageNet stats (torchvision's)
+    assert learn.pretrained and not any(p.requires_grad for p in learn.opt.param_lists[0])
+    (norm,) = normalizers(dls)
+    torch.testing.assert_close(norm.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    assert "AlexNet instance taken as pretrained: body frozen, normalised with ImageNet's stats" in \
+        capsys.readouterr().out
+    dls = folder_dls(folder, size=64)
+    group_learner(dls, timm.create_model("tf_efficientnet_lite0"), pretrained=True)  # the timm config's stats
+    (norm,) = normalizers(dls)
+    torch.testing.assert_close(norm.mean.flatten(), torch.tensor([0.5, 0.5, 0.5]))
+    assert "normalised with the stats of its timm pretrained_cfg" in capsys.readouterr().out
+    dls = folder_dls(folder)
+    own = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 3))
+    learn = group_learner(dls, own, pretrained=True)  # stats unknown: frozen, no Normalize, and it says so
+    assert learn.pretrained and not normalizers(dls)
+    assert not any(p.requires_grad for p in learn.opt.param_lists[0])
+    assert "Sequential instance taken as pretrained: body frozen, no Normalize added (the stats its weights " \
+           "expect are unknown" in capsys.readouterr().out
+    learn = group_learner(dls, own, pretrained=False)  # explicit: nothing to say
+    assert not learn.pretrained and capsys.readouterr().out == ""
+
+
 def one_group(model):
     return [list(model.parameters())]
 

@@ -11,7 +11,7 @@ from fastai.vision.learner import _densenet_split, _resnet_split
 from fastai.vision.models import xresnet
 from torch import nn
 
-from fastai_groups import GRANULARITIES, auto_splitter, check_groups, checked, instantiate
+from fastai_groups import GRANULARITIES, auto_splitter, check_groups, checked, find_structure, instantiate
 from fastai_groups.splitters import ParamGroups, group_names
 
 from test_summary import AlexNet
@@ -339,6 +339,27 @@ def test_param_groups_names():
     assert g.names == ["head"] and group_names([[1], [2]]) == ["group0", "group1"]
     with pytest.raises(ValueError):
         ParamGroups([[1]], names=["a", "b"])
+
+
+def test_short_reprs():
+    "issue 16.3: Structure, Unit and ParamGroups print names, counts and sizes, never the tensors."
+    model = instantiate("resnet50")
+    st = find_structure(model)
+    text = str(st)
+    assert text == repr(st) and len(text) < 200
+    assert text == ("Structure(stem=[conv1, bn1, relu, maxpool], stages=4 (3, 4, 6, 3 units), head=[avgpool, fc], "
+                    "traced=complete)")
+    n = sum(p.numel() for p in model.layer1[0].parameters())
+    k = len(list(model.layer1[0].parameters()))
+    assert repr(st.stages[0][0]) == f"Unit('layer1.0', Bottleneck, block, {k} tensors, {n:,} elements, res=3136)"
+    assert len(repr(st.units)) < 3000
+    groups = auto_splitter(model)
+    text = repr(groups)
+    stem = sum(p.numel() for u in st.stem for p in u.params)
+    assert text.startswith(f"ParamGroups(6 groups: stem (3 tensors, {stem:,}), stage1 (") and len(text) < 300
+    assert text.endswith(f"head (2 tensors, {model.fc.weight.numel() + model.fc.bias.numel():,}))")
+    blocks = repr(auto_splitter(model, granularity="block"))
+    assert blocks.startswith("ParamGroups(18 groups: ") and "... 7 more, head (" in blocks and len(blocks) < 600
 
 
 class NeedsRealData(nn.Module):

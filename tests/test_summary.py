@@ -105,6 +105,42 @@ def test_groups_column():
     assert lines[2].endswith("-")
 
 
+def _group_column(*args, **kwargs) -> list[str]:
+    return [line.split()[-1] for line in summary_text(*args, **kwargs).splitlines()]
+
+
+def test_groups_by_granularity_name():
+    "issue 16.2: groups='stage' (the CLI's --groups stage) shows the groups, as the splitter does; bad input raises."
+    assert _group_column(tvm.resnet18, groups="stage") == ["stem", "stem", "-", "-", "stage1", "stage2", "stage3",
+                                                           "stage4", "-", "head"]
+    fastai = _group_column(tvm.resnet18, groups=functools.partial(auto_splitter, granularity="fastai"))
+    assert _group_column(tvm.resnet18, groups="fastai") == fastai and fastai[-1] == "head"
+    assert len(set(fastai) - {"-"}) == 3
+    model = tvm.resnet18()
+    assert _group_column(model, groups=auto_splitter(model, granularity="block"))[4] == "layer1.0+layer1.1"
+    with pytest.raises(ValueError, match=r"groups='stages' is not a granularity: use one of 'stage', 'fastai', "
+                                         r"'block', a splitter, its output or a Learner"):
+        arch_summary(tvm.resnet18, groups="stages")
+    with pytest.raises(ValueError, match="the groups hold none of the summarised model's parameters"):
+        arch_summary(tvm.resnet18, groups=auto_splitter(model))  # made from another model than the one summarised
+
+
+def test_groups_of_a_learner():
+    "A Learner: its splitter's groups before the optimizer exists, the optimizer's groups and names after."
+    import torch
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.learner import Learner
+    data = [(torch.zeros(3, 32, 32), 0)] * 4
+    dls = DataLoaders(DataLoader(data, bs=2), DataLoader(data, bs=2))
+    learn = Learner(dls, tvm.resnet18(), loss_func=nn.CrossEntropyLoss(),
+                    splitter=functools.partial(auto_splitter, n_groups=3))
+    before = _group_column(learn, groups=learn)
+    assert before == ["stem-stage2"] * 2 + ["-", "-"] + ["stem-stage2"] * 2 + ["stage3-stage4"] * 2 + ["-", "head"]
+    learn.create_opt()
+    assert _group_column(learn.model, groups=learn) == before
+
+
 def test_count_layers_rules():
     assert count_layers(nn.Linear(1, 1)) == 1
     assert count_layers(nn.Sequential()) == 0
