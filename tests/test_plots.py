@@ -1,6 +1,5 @@
 """fastai_groups.plots: the CLI's compare.png (integer epochs, frozen epochs shown) and group_lr from a saved CSV."""
 import matplotlib
-import numpy as np
 import pandas as pd
 import pytest
 
