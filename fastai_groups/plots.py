@@ -69,8 +69,9 @@ def _spread(ys: list[float], gap: float) -> list[float]:
     return list(out - shift)
 
 
-def _end_labels(ax, x: float, ys: list, names: list, colors: list, fontsize) -> None:
-    "Label the line ends at `x`: groups at the same lr share one label, labels spread apart vertically."
+def _end_labels(ax, x: float, ys: list, names: list, colors: list, fontsize, inside: bool = False) -> None:
+    """Label the line ends at `x` (right of it, or left and below when `inside`, for a fit followed by another):
+    groups at the same lr share one label, labels spread apart vertically."""
     same: dict = {}
     for g, y in enumerate(ys):
         if np.isfinite(y) and y > 0:
@@ -79,12 +80,17 @@ def _end_labels(ax, x: float, ys: list, names: list, colors: list, fontsize) -> 
         return
     ylo, yhi = (math.log10(v) for v in ax.get_ylim())
     keys = list(same)
-    pos = _spread([math.log10(k) for k in keys], gap=(yhi - ylo) / 18)
+    gap = (yhi - ylo) / 18
+    pos = [p - 1.3 * gap if inside else p for p in _spread([math.log10(k) for k in keys], gap=gap)]
     for k, p in zip(keys, pos):
         gs = same[k]
-        ax.annotate(" = ".join(names[g] for g in gs) + ("  (same lr)" if len(gs) > 1 else ""), (x, k),
+        if len(gs) > 2 and gs == list(range(gs[0], gs[-1] + 1)):
+            text = f"{names[gs[0]]} \u2026 {names[gs[-1]]} ({len(gs)} groups, same lr)"
+        else:
+            text = " = ".join(names[g] for g in gs) + ("  (same lr)" if len(gs) > 1 else "")
+        ax.annotate(text, (x, k),
                     xytext=(x, 10 ** p), textcoords="data", color=colors[gs[0]] if len(gs) == 1 else "0.2",
-                    fontsize=fontsize, va="center", annotation_clip=False, zorder=20,
+                    fontsize=fontsize, va="center", ha="right" if inside else "left", annotation_clip=False, zorder=20,
                     bbox=dict(boxstyle="square,pad=0.1", facecolor="white", edgecolor="none", alpha=0.7), gid="end:" + ",".join(map(str, gs)))
 
 
@@ -143,7 +149,8 @@ def plot_group_lr(history: pd.DataFrame, epochs: Optional[pd.DataFrame] = None, 
     span = math.log10(hi / lo) if lo > 0 and hi > lo else 1.0
     ax.set_ylim(lo / 10 ** (0.08 * span + 0.05), hi * 10 ** (0.3 * span + 0.2))
     for e in ends:                                            # labels at the line ends of every fit
-        _end_labels(ax, iters[e] + 0.15, list(vals[e]), names, colors, "x-small")
+        last = e == ends[-1]
+        _end_labels(ax, iters[e] + (0.15 if last else -0.1), list(vals[e]), names, colors, "x-small", not last)
     ax.set_ylabel("learning rate (log scale)")
     ax.set_title("Learning rate of each parameter group", fontsize="medium")
     style = [Line2D([], [], color="0.3", ls=ls, label=lbl) for ls, lbl in
@@ -185,14 +192,16 @@ def plot_group_lr(history: pd.DataFrame, epochs: Optional[pd.DataFrame] = None, 
         for x in epochs["iter"].to_numpy() + 0.5:             # epoch ends: thin grey lines
             for a in axes:
                 a.axvline(x, color="0.8", lw=0.6, zorder=0)
-    for i, s in enumerate(starts):
+    for i, (s, e) in enumerate(zip(starts, ends)):
         x0 = iters[s] - 0.5
         if i:
             for a in axes:
                 a.axvline(x0, color="k", ls="--", lw=0.9)
         fit = int(fit_of[s])
-        ax.annotate(f"fit {fit}: {phases[fit]}", (x0, 1.0), xycoords=("data", "axes fraction"), xytext=(4, -13),
-                    textcoords="offset points", fontsize="small", color="0.15", fontweight="bold", gid=f"phase:{fit}")
+        kind, _, detail = phases[fit].partition(" (")   # two lines, centred over the fit: short fits stay apart
+        ax.annotate(f"fit {fit}: {kind}\n({detail}", ((iters[s] + iters[e]) / 2, 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(0, -4), textcoords="offset points", ha="center", va="top", fontsize="small",
+                    color="0.15", fontweight="bold", gid=f"phase:{fit}")
     fig.tight_layout()
     return fig
 

@@ -436,8 +436,8 @@ def test_plot_fine_tune_partial_phases_metric(image_folder):
     lines, texts = _artists(fig)
     assert lines["lr:0:partial"].get_linestyle() == "--" and lines["lr:2:trainable"].get_linestyle() == "-"
     assert "lr:2:partial" not in lines and "lr:0:frozen" not in lines
-    assert texts["phase:0"] == "fit 0: frozen (1 of 3 groups trains)"
-    assert texts["phase:1"] == "fit 1: unfrozen (all 3 groups train)"
+    assert texts["phase:0"] == "fit 0: frozen\n(1 of 3 groups trains)"
+    assert texts["phase:1"] == "fit 1: unfrozen\n(all 3 groups train)"
     assert [lines[f"marker:{g}"].get_marker() for g in range(3)] == ["o", "s", "D"]    # overlapping curves apart
     assert texts["end:0,1"] == "stem-stage1 = stage2-stage3  (same lr)"               # same lr in the frozen fit
     assert {texts["end:0"], texts["end:1"], texts["end:2"]} == {"stem-stage1", "stage2-stage3", "head"}
@@ -457,7 +457,7 @@ def test_plot_frozen_dotted_and_gradual(image_folder):
     fig = learn.group_logger.plot()
     lines, texts = _artists(fig)
     assert lines["lr:0:frozen"].get_linestyle() == ":"
-    assert texts["phase:0"] == "fit 0: frozen (1 of 3 groups trains)"
-    assert texts["phase:1"] == "fit 1: gradual unfreezing (1\u21923 of 3 groups train)"
+    assert texts["phase:0"] == "fit 0: frozen\n(1 of 3 groups trains)"
+    assert texts["phase:1"] == "fit 1: gradual unfreezing\n(1\u21923 of 3 groups train)"
     assert lines["metric"].axes.get_ylabel() == "valid_loss"           # no metric given: the validation loss
     plt.close(fig)
