@@ -152,8 +152,8 @@ class GroupLogger(Callback):
         "Decide whether this is a real training run; the fit itself starts at its first `before_train`."
         self._reset_fit()
         self.run = _active(self)
-        if self.run and self.fname and self._path is None and rank_distrib() == 0:
-            self._bind()
+        if self.run and self.fname and rank_distrib() == 0 and self._resolve() != self._path:
+            self._bind()                 # first fit, or `learn.path` changed (e.g. after `load_learner`)
 
     def before_train(self):
         "Start a fit (`validate`/`get_preds` call `before_fit` too, but never `before_train`), re-read freeze state."
@@ -335,10 +335,13 @@ class GroupLogger(Callback):
         self._epochs = [(int(i), int(e), int(f), tuple(ns), tuple(vs)) for i, e, f, ns, vs in state.get("epochs", [])]
         self._written, self._csv_cols, self._path = 0, None, None
 
+    def _resolve(self) -> Path:
+        return Path(self.learn.path, Path(self.fname).expanduser()).absolute()
+
     def _bind(self):
         """Resolve and check the CSV file before training: create its folder, open it for append, and continue an
         existing file (counters from its last row) or refuse it (`append=False`). One line for each mistake."""
-        path = Path(self.learn.path, self.fname).expanduser().absolute()
+        path = self._resolve()
         fix = f"give GroupLogger a writable file, e.g. GroupLogger({str(Path.cwd() / path.name)!r})"
         if path.is_dir():
             raise IsADirectoryError(f"GroupLogger cannot write its CSV file {path}: it is a folder; {fix}")

@@ -206,18 +206,20 @@ def plot_group_lr(history: pd.DataFrame, epochs: Optional[pd.DataFrame] = None, 
     return fig
 
 
-def plot_compare(curves: dict, freeze_epochs: int = 0, title: str = ""):
+def plot_compare(curves: dict, freeze_epochs: int = 0, title: str = "", frozen_in: tuple = ("fine_tune", "two_groups")):
     """Validation accuracy per epoch of each schedule (`{name: [acc_epoch1, ...]}`), integer epoch ticks, the
-    first `freeze_epochs` epochs shaded as frozen (the body is frozen there in `fine_tune`/`two_groups`).
+    first `freeze_epochs` epochs shaded as frozen when a schedule of `frozen_in` (those that freeze the body
+    there, as `fine_tune` does) is plotted.
 
     >>> plot_compare({"fine_tune": [0.5, 0.6, 0.7]}, freeze_epochs=1).savefig("compare.png")  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(6, 4))
-    if freeze_epochs:
+    which = [s for s in curves if s in frozen_in]
+    if freeze_epochs and which:
         ax.axvspan(0.5, freeze_epochs + 0.5, color="0.88", zorder=0, gid="frozen")
-        ax.annotate(f"frozen body ({freeze_epochs} epoch{'s' if freeze_epochs > 1 else ''},\nfine_tune, two_groups)",
+        ax.annotate(f"{', '.join(which)}:\nbody frozen ({freeze_epochs} epoch{'s' if freeze_epochs > 1 else ''})",
                     (0.5, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -4), textcoords="offset points",
                     va="top", fontsize="x-small", color="0.3")
     for s, acc in curves.items():

@@ -461,3 +461,16 @@ def test_plot_frozen_dotted_and_gradual(image_folder):
     assert texts["phase:1"] == "fit 1: gradual unfreezing\n(1\u21923 of 3 groups train)"
     assert lines["metric"].axes.get_ylabel() == "valid_loss"           # no metric given: the validation loss
     plt.close(fig)
+
+
+def test_csv_follows_learn_path_after_export(image_folder, tmp_path):
+    "A relative name is resolved at each fit: a learner moved elsewhere (load_learner, new path) logs there."
+    learn = make_learner(image_folder, cbs=[GroupLogger("moved.csv", show_table=False)])
+    learn.fit(1, lr=1e-3)
+    learn.export(tmp_path / "export.pkl")
+    loaded = load_learner(tmp_path / "export.pkl")
+    loaded.dls = learn.dls
+    loaded.path = tmp_path
+    loaded.fit(1, lr=1e-3)
+    assert len(pd.read_csv(image_folder / "moved.csv")) == 4 * N_GROUPS                # left as it was
+    assert pd.read_csv(tmp_path / "moved.csv")["fit"].tolist() == [0] * 12 + [1] * 12  # the whole history

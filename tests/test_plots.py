@@ -19,12 +19,13 @@ def test_compare_plot_integer_epochs_and_frozen_span():
     assert len(span) == 1
     x0, x1 = span[0].get_x(), span[0].get_x() + span[0].get_width()
     assert (x0, x1) == (0.5, 1.5)                          # epoch 1 is the frozen one
-    assert any("frozen body" in t.get_text() for t in ax.texts)
+    assert [t.get_text() for t in ax.texts] == ["fine_tune:\nbody frozen (1 epoch)"]
     assert [l.get_label() for l in ax.get_lines()] == ["fine_tune", "unfrozen"]
     plt.close(fig)
-    fig = plot_compare({"unfrozen": [0.5, 0.6]}, freeze_epochs=0)
-    assert not [p for p in fig.axes[0].patches if p.get_gid() == "frozen"]
-    plt.close(fig)
+    for curves, k in (({"fine_tune": [0.5, 0.6]}, 0), ({"unfrozen": [0.5, 0.6]}, 1)):   # nothing frozen: no span
+        fig = plot_compare(curves, freeze_epochs=k)
+        assert not [p for p in fig.axes[0].patches if p.get_gid() == "frozen"]
+        plt.close(fig)
 
 
 def _history(states_per_fit):
