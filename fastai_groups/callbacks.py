@@ -95,7 +95,8 @@ class GroupLogger(Callback):
     are fits 0 and 1), `group`, `name` (from a splitter that names its groups, such as `auto_splitter`, else
     `group{i}`), every numeric hyper of `learn.opt.hypers[i]` (`lr`, `mom`, `wd`, `sqr_mom`, `eps`, ...), `params`
     (parameter elements), `trainable` (elements that require grad) and `state` (`trainable`, `frozen`, or `partial`
-    for a frozen group whose BatchNorm stays trainable).
+    for a frozen group whose BatchNorm stays trainable). `learn.group_logger.epochs`: one row per epoch with
+    `learn.recorder`'s losses and metrics at its end (read once per epoch), used by `plot`.
 
     Values are read in `after_batch`, after every `before_batch` (where `ParamScheduler` sets them) and after the
     optimizer step: they are the values the step used. The freeze state comes from `requires_grad`, never from
@@ -362,15 +363,17 @@ class GroupLogger(Callback):
         self._path, self._csv_cols = path, None
         if existed:
             cols, last = _csv_tail(path)
-            if not {"iter", "fit"} <= set(cols) or last is None:
-                raise ValueError(f"GroupLogger: {path} exists but is not a GroupLogger log (no iter/fit rows); "
-                                 "give another file name, or move that file away")
+            if not {"iter", "fit"} <= set(cols):
+                raise ValueError(f"GroupLogger: {path} exists but is not a GroupLogger log (no iter and fit "
+                                 "columns); give another file name, or move that file away")
             self._csv_cols, self._written = cols, len(self._records)  # rows held already come from that file
-            self._n_iter = max(self._n_iter, int(float(last[cols.index("iter")])) + 1)
-            self._n_fit = max(self._n_fit, int(float(last[cols.index("fit")])) + 1)
+            if last is not None:
+                self._n_iter = max(self._n_iter, int(float(last[cols.index("iter")])) + 1)
+                self._n_fit = max(self._n_fit, int(float(last[cols.index("fit")])) + 1)
 
     def flush(self):
-        "Write the rows not yet in the CSV file (rank 0 only); rewrites the file when its columns changed."
+        """Write the rows not yet in the CSV file (rank 0 only); when new columns appear (another optimizer's hypers)
+        the file is rewritten with all its rows and the union of the columns."""
         if not self.fname or rank_distrib() != 0 or self._written >= len(self._records):
             return
         if self._path is None:
@@ -410,8 +413,8 @@ class GroupLogger(Callback):
     def plot(self, figsize: Optional[tuple] = None):
         """Per-group lr against iterations (log scale; solid where the group trains, dashed where partial, dotted
         where frozen; a marker per group and labels at the line ends), each fit labelled by its phase (frozen /
-        unfrozen / gradual unfreezing), the validation metric of each epoch on a right-hand axis, and a freeze
-        map below (`plots.plot_group_lr`, which also draws a saved CSV). Returns the matplotlib Figure.
+        unfrozen / gradual unfreezing), the validation metric of each epoch in a panel below it, and a freeze
+        map (`plots.plot_group_lr`, which also draws a saved CSV). Returns the matplotlib Figure.
 
         Example: `learn.group_logger.plot().savefig("group_lr.png", dpi=120)`."""
         from .plots import plot_group_lr

@@ -91,7 +91,8 @@ def _end_labels(ax, x: float, ys: list, names: list, colors: list, fontsize, ins
         ax.annotate(text, (x, k),
                     xytext=(x, 10 ** p), textcoords="data", color=colors[gs[0]] if len(gs) == 1 else "0.2",
                     fontsize=fontsize, va="center", ha="right" if inside else "left", annotation_clip=False, zorder=20,
-                    bbox=dict(boxstyle="square,pad=0.1", facecolor="white", edgecolor="none", alpha=0.7), gid="end:" + ",".join(map(str, gs)))
+                    bbox=dict(boxstyle="square,pad=0.1", facecolor="white", edgecolor="none", alpha=0.7),
+                    gid="end:" + ",".join(map(str, gs)))
 
 
 def plot_group_lr(history: pd.DataFrame, epochs: Optional[pd.DataFrame] = None, figsize: Optional[tuple] = None):
@@ -142,7 +143,8 @@ def plot_group_lr(history: pd.DataFrame, epochs: Optional[pd.DataFrame] = None, 
                         label="_nolegend_", gid=f"lr:{g}:{s}")
         idx = np.arange((g * step) // n, len(iters), step)    # staggered markers: groups on one curve stay apart
         ax.plot(iters[idx], y[idx], ls="none", marker=_MARKERS[g % len(_MARKERS)],
-                ms=4 + 3 * (n - 1 - g) / max(1, n - 1) if n <= 8 else 4, color=colors[g], zorder=3 + g, label=f"{g}: {names[g]}", gid=f"marker:{g}")
+                ms=4 + 3 * (n - 1 - g) / max(1, n - 1) if n <= 8 else 4,   # larger below: concentric when equal
+                color=colors[g], zorder=3 + g, label=f"{g}: {names[g]}", gid=f"marker:{g}")
     ax.set_yscale("log")
     vals = lr.to_numpy(dtype=float)
     lo, hi = np.nanmin(vals), np.nanmax(vals)
@@ -199,7 +201,8 @@ def plot_group_lr(history: pd.DataFrame, epochs: Optional[pd.DataFrame] = None, 
                 a.axvline(x0, color="k", ls="--", lw=0.9)
         fit = int(fit_of[s])
         kind, _, detail = phases[fit].partition(" (")   # two lines, centred over the fit: short fits stay apart
-        ax.annotate(f"fit {fit}: {kind}\n({detail}", ((iters[s] + iters[e]) / 2, 1.0), xycoords=("data", "axes fraction"),
+        ax.annotate(f"fit {fit}: {kind}\n({detail}", ((iters[s] + iters[e]) / 2, 1.0),
+                    xycoords=("data", "axes fraction"),
                     xytext=(0, -4), textcoords="offset points", ha="center", va="top", fontsize="small",
                     color="0.15", fontweight="bold", gid=f"phase:{fit}")
     fig.tight_layout()

@@ -337,13 +337,25 @@ def test_csv_append_false_refuses_an_existing_file(image_folder, tmp_path):
     text = path.read_text()
     count = BatchCount()
     learn = make_learner(image_folder, cbs=[GroupLogger(path, show_table=False, append=False), count])
-    with pytest.raises(FileExistsError, match=r"GroupLogger: .*run.csv already exists and append=False .*nothing was "
-                                              r"changed: move or delete the file, pick another name, or use append=True"):
+    with pytest.raises(FileExistsError, match=r"GroupLogger: .*run.csv already exists and append=False .*nothing "
+                                              r"was changed: move or delete the file, pick another name, or use "
+                                              r"append=True"):
         learn.fit(1, lr=1e-3)
     assert count.n == 0 and path.read_text() == text
     new = tmp_path / "new.csv"
     make_learner(image_folder, cbs=[GroupLogger(new, show_table=False, append=False)]).fit(1, lr=1e-3)
     assert len(pd.read_csv(new)) == 4 * N_GROUPS      # a new file: fine
+
+
+def test_csv_of_something_else_is_refused(image_folder, tmp_path):
+    path = tmp_path / "other.csv"
+    path.write_text("a,b\n1,2\n")
+    count = BatchCount()
+    learn = make_learner(image_folder, cbs=[GroupLogger(path, show_table=False), count])
+    with pytest.raises(ValueError, match=r"other.csv exists but is not a GroupLogger log \(no iter and fit columns\); "
+                                         r"give another file name, or move that file away"):
+        learn.fit(1, lr=1e-3)
+    assert count.n == 0 and path.read_text() == "a,b\n1,2\n"
 
 
 def test_csv_other_optimizer_merges_columns(image_folder, tmp_path):

@@ -118,8 +118,9 @@ def test_group_learner_refuses_what_fastai_does_silently(folder, r18_file):
         learn.freeze_to(7)
     with pytest.raises(IndexError, match=r"^freeze_to\(-7\): .*" + rule):
         learn.freeze_to(-7)
-    with pytest.raises(ValueError, match=r"^freeze_to\(-6\) would freeze nothing: the learner has 6 parameter groups "
-                                         r"\(.*\) and freeze_to\(-6\) trains the last 6, that is all of them; " + rule) as e:
+    with pytest.raises(ValueError, match=r"^freeze_to\(-6\) would freeze nothing: the learner has 6 parameter "
+                                         r"groups \(.*\) and freeze_to\(-6\) trains the last 6, that is all of "
+                                         r"them; " + rule) as e:
         learn.freeze_to(-6)
     assert "auto_splitter" not in str(e.value)             # it is the splitter already: the rule is what helps
     for n in (-5, 6, 0):                                  # the ends of the range the messages give really work
