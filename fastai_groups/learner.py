@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 from fastai.learner import Learner
 from fastai.optimizer import Adam
+from fastcore.meta import delegates
 from torch import nn
 
 from .body import Cut, build_body
@@ -20,7 +21,7 @@ from .callbacks import GroupLogger
 from .checkpoint import export_state, load_checkpoint, restore_export, save_checkpoint
 from .frozen import FastFrozenBody
 from .cache import FeatureCache
-from .head import join_head
+from .head import create_head, join_head
 from .splitters import auto_splitter, group_names, learner_group_names
 
 __all__ = ["group_learner", "GroupLearner"]
@@ -210,6 +211,9 @@ def _with_fast_frozen(cbs: list, cache: bool) -> list:
     return cbs
 
 
+@delegates(Learner.__init__, but=["dls", "model", "loss_func", "opt_func", "lr", "splitter", "cbs", "metrics",
+                                  "train_bn"])
+@delegates(create_head, keep=True, but=["nf", "n_out"])   # help(group_learner) lists the head's and Learner's options
 def group_learner(dls, arch: Any, n_out: Optional[int] = None, pretrained: bool = True, weights: Any = None,
                   splitter: Optional[Callable] = auto_splitter, cut: Cut = None, train_bn: bool = True,
                   cache_features: bool = False, metrics=None, cbs=None, n_in: int = 3,

@@ -203,3 +203,13 @@ def test_fine_tune_lite0_on_product_sample(tmp_path):
     assert len(lrs) >= 3 and lrs == sorted(lrs) and lrs[0] < lrs[-1]
     acc = learn.recorder.values[-1][-1]
     assert acc > 0.5, f"accuracy {acc:.3f} (chance: 0.1)"
+
+
+def test_signatures_list_the_head_and_learner_options():
+    "help(group_learner) / help(cnn_model) show the keyword arguments they pass on (fastcore's @delegates)."
+    import inspect
+    from fastai_groups.head import cnn_model
+    gl, cm = inspect.signature(group_learner).parameters, inspect.signature(cnn_model).parameters
+    assert {"lin_ftrs", "ps", "concat_pool", "y_range", "path", "model_dir", "wd", "moms"} <= set(gl)
+    assert {"lin_ftrs", "ps", "concat_pool"} <= set(cm) and "wd" not in cm
+    assert not any(p.kind is p.VAR_KEYWORD for p in cm.values())
