@@ -85,9 +85,11 @@ class Staging:
             if parent.exists():
                 break
         parent = next(p for p in out.parents if p.exists())  # the staging folder is made beside out
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise UsageError(f"--out {arg}: cannot write into {shown(parent)} (permission denied): "
-                             "give another --out")
+        try:  # a real attempt: permission bits say nothing to root, nor about read-only or special file systems
+            os.rmdir(tempfile.mkdtemp(prefix=".fastai-groups-probe-", dir=parent))
+        except OSError as e:
+            raise UsageError(f"--out {arg}: cannot write into {shown(parent)} ({e.strerror}): "
+                             "give another --out") from None
         for folder, fix in ((out, "give another --out or an empty folder"),
                             (self.previous, f"move {shown(self.previous)} away or give another --out")):
             if folder.is_dir() and _foreign(folder):
@@ -199,6 +201,15 @@ def _check_numbers(args) -> None:
         raise UsageError(f"--lr must be a positive finite number (default 2e-3), got {args.lr}")
 
 
+def _schedules(args) -> list[str]:
+    "The schedules of `compare --schedules`, checked."
+    schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    unknown = [s for s in schedules if s not in SCHEDULES]
+    if unknown or not schedules:
+        raise UsageError(f"unknown schedule(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(SCHEDULES)}")
+    return schedules
+
+
 def _check_data_arg(args) -> None:
     "The data folder, given positionally or as --data (both: they must agree)."
     if not hasattr(args, "data"):
@@ -210,9 +221,28 @@ def _check_data_arg(args) -> None:
         raise UsageError(f"{args.path}: no such folder")
 
 
-def _check_batches(dls, args) -> None:
+def _check_folder(args) -> None:
+    """The data folder's layout and image counts, before torch and fastai are imported: the batch checks of
+    `_check_batches` from the counts (fastai's `RandomSplitter` puts `int(valid_pct * n)` images in valid)."""
+    from .data import _is_image, _subdirs, check_image_folder, product_sample
+    path = product_sample() if args.path is None else args.path
+    try:
+        args.folder_check = check_image_folder(path, warn=False)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        raise UsageError(str(e)) from None
+    bad = set(args.folder_check[1])
+    count = lambda d: sum(_is_image(f) and f not in bad for c in _subdirs(d) for f in c.iterdir())  # noqa: E731
+    if (path / "train").is_dir() and (path / "valid").is_dir():
+        n_train, n_valid = count(path / "train"), count(path / "valid")
+    else:
+        n = count(path)
+        n_valid = int(args.valid_pct * n)
+        n_train = n - n_valid
+    _check_batches(n_train, n_valid, n_train // args.bs, args)  # fastai drops the last incomplete batch
+
+
+def _check_batches(n_train: int, n_valid: int, n_batches: int, args) -> None:
     "At least one full training batch and one validation image."
-    n_train, n_valid = len(dls.train_ds), len(dls.valid_ds)
     split = args.path is not None and (args.path / "train").is_dir() and (args.path / "valid").is_dir()
     if n_valid == 0:
         n = n_train + n_valid
@@ -222,7 +252,7 @@ def _check_batches(dls, args) -> None:
     if n_train < 2:
         raise UsageError(f"only {n_train} training image(s) (need at least 2): add images"
                          + ("" if split else " or lower --valid-pct"))
-    if len(dls.train) == 0:
+    if n_batches == 0:
         raise UsageError(f"--bs {args.bs} is larger than the {n_train} training images (fastai drops the last "
                          f"incomplete batch, so nothing would train): use --bs {n_train} or less")
 
@@ -244,10 +274,12 @@ def _check_size(learn, args) -> None:
     err = fits(args.size)
     if err is None:
         return
-    ok = next((s for s in (8, 16, 32, 64, 128, 224, 256, 299, 384, 512) if s > args.size and fits(s) is None), None)
+    sizes = (8, 16, 32, 64, 128, 224, 256, 299, 384, 512)
+    ok = next((s for s in sizes if fits(s) is None), None)
     why = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-    fix = f"use --size {ok} or more" if ok else "pick a size the model accepts"
-    raise UsageError(f"--size {args.size} is too small for {args.arch} ({why}): {fix}")
+    fix = f"use --size {ok}, the smallest of {', '.join(map(str, sizes))} it accepts" if ok else \
+        "pick a size the model accepts"
+    raise UsageError(f"--size {args.size} does not fit {args.arch} ({why.rstrip('.')}): {fix}")
 
 
 def _epoch_log():
@@ -330,10 +362,11 @@ def _finite(x) -> Optional[float]:
 # Data
 # ----------------------------------------------------------------------------------------------------------------
 def make_dls(path: Optional[Path], size: int = 64, bs: int = 32, valid_pct: float = 0.2, seed: int = 42,
-             device=None, augment: bool = True):
+             device=None, augment: bool = True, folder_check: Optional[tuple] = None):
     """DataLoaders for a folder with one sub-folder per product (`valid_pct` random split, seeded), or with
     `train/` and `valid/` sub-folders; the bundled product sample when `path` is None. Unreadable images are
-    reported by name and skipped. Returns `(dls, path, unreadable)`.
+    reported by name and skipped. `folder_check`: `check_image_folder(path)`'s result when already computed.
+    Returns `(dls, path, unreadable)`.
 
     >>> dls, path, bad = make_dls(None, size=32, bs=16)  # doctest: +SKIP
     """
@@ -343,7 +376,7 @@ def make_dls(path: Optional[Path], size: int = 64, bs: int = 32, valid_pct: floa
     from .data import check_image_folder, product_sample
     path = product_sample() if path is None else Path(path)
     try:
-        classes, unreadable = check_image_folder(path, warn=False)
+        classes, unreadable = folder_check or check_image_folder(path, warn=False)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         raise UsageError(str(e)) from None
     for f in unreadable:
@@ -484,13 +517,14 @@ def cmd_finetune(args) -> list[str]:
     device = _device(args.cpu)
     _start(args)
     t0 = time.perf_counter()
-    dls, path, unreadable = make_dls(args.path, args.size, args.bs, args.valid_pct, args.seed, device)
-    _check_batches(dls, args)
+    dls, path, unreadable = make_dls(args.path, args.size, args.bs, args.valid_pct, args.seed, device,
+                                     folder_check=args.folder_check)
+    _check_batches(len(dls.train_ds), len(dls.valid_ds), len(dls.train), args)  # as fastai counts
     args.out = out
     learn = _learner(dls, args)
     _check_size(learn, args)
     t_data = time.perf_counter() - t0
-    print(f"data: {_data_name(path, args.path).strip('`')} ({len(dls.train_ds)} train, {len(dls.valid_ds)} valid, "
+    print(f"data: {_data_name(path, args.path).replace('`', '')} ({len(dls.train_ds)} train, {len(dls.valid_ds)} valid, "
           f"{len(dls.vocab)} classes); model: {args.arch}; device: {device}; threads: {args.threads_used[0]}")
     t1 = time.perf_counter()
     args.stage.started = True
@@ -570,15 +604,13 @@ def cmd_compare(args) -> list[str]:
     from fastai.vision.all import set_seed
 
     from .splitters import auto_splitter
-    schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
-    unknown = [s for s in schedules if s not in SCHEDULES]
-    if unknown or not schedules:
-        raise UsageError(f"unknown schedule(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(SCHEDULES)}")
+    schedules = _schedules(args)
     out = args.out = args.stage.tmp
     device = _device(args.cpu)
     _start(args)
-    dls, path, _ = make_dls(args.path, args.size, args.bs, args.valid_pct, args.seed, device)
-    _check_batches(dls, args)
+    dls, path, _ = make_dls(args.path, args.size, args.bs, args.valid_pct, args.seed, device,
+                            folder_check=args.folder_check)
+    _check_batches(len(dls.train_ds), len(dls.valid_ds), len(dls.train), args)  # as fastai counts
     rows, curves = [], {}
     for s in schedules:
         set_seed(args.seed, reproducible=True)
@@ -703,6 +735,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _end_bar(stage: Optional[Staging]) -> None:
+    "End the line of a progress bar cut short, so that the message starts on its own line."
+    if stage is not None and stage.started:
+        print(flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     "Entry point of the `fastai-groups` console script."
     import warnings
@@ -713,11 +751,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         _check_numbers(args)
         _check_data_arg(args)
+        if hasattr(args, "schedules"):
+            _schedules(args)
         if hasattr(args, "out"):  # a training command: check --out, then write beside it
             args.threads_used = pick_threads(args.threads)
             args.load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
             stage = Staging(Path(args.out))
             stage.check()
+            _check_folder(args)
             args.stage = stage
             stage.open()
         written = args.func(args)
@@ -726,9 +767,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(note)
             print(f"wrote {shown(stage.out)}/: {', '.join(written)}")
     except UsageError as e:
+        _end_bar(stage)
         print(f"fastai-groups: error: {e}{stage.fail_note() if stage else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _end_bar(stage)
         print(f"fastai-groups: interrupted{stage.fail_note(always=True) if stage else ''}", file=sys.stderr)
         return 130
     except BaseException:
