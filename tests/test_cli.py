@@ -117,7 +117,7 @@ def test_finetune_writes_every_artefact(photos, tmp_path):
                          env={**ENV, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     for line in p.stdout:  # the freeze table is printed when training starts
-        if line.startswith("GroupLogger: fit 0"):
+        if "GroupLogger: fit 0" in line:  # (it may follow a progress bar on the same line)
             break
     time.sleep(1)
     p.send_signal(signal.SIGINT)
@@ -263,3 +263,26 @@ def test_unreadable_images_are_reported_and_skipped(tmp_path, photos):
     r = run("finetune", data, "--epochs", 1, "--freeze-epochs", 0, "--size", 32, "--bs", 8, "--out", tmp_path / "o")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "broken.png" in r.stderr
+
+
+def test_offline_hub_weights_from_the_local_cache(tmp_path):
+    "Offline, timm weights already in the Hugging Face cache load at once (the network check does not block them)."
+    code = """
+import sys, timm, torch
+from safetensors.torch import save_file
+from pathlib import Path
+cache = Path(sys.argv[1])
+snap = cache / "models--timm--resnet18.a1_in1k" / "snapshots" / ("0" * 40)
+snap.mkdir(parents=True)
+(cache / "models--timm--resnet18.a1_in1k" / "refs").mkdir()
+(cache / "models--timm--resnet18.a1_in1k" / "refs" / "main").write_text("0" * 40)
+sd = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in timm.create_model("resnet18").state_dict().items()}
+save_file(sd, str(snap / "model.safetensors"))
+from fastai_groups.weights import build_model, _hub_unreachable
+assert _hub_unreachable() is not None, "this test needs a machine without network"
+model, stats = build_model("timm:resnet18")
+print(all(torch.equal(v, sd[k]) for k, v in model.state_dict().items() if k in sd))
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "hub")], capture_output=True, text=True,
+                       env={**ENV, "HF_HUB_CACHE": str(tmp_path / "hub")}, timeout=300)
+    assert r.returncode == 0 and r.stdout.split()[-1] == "True", r.stderr[-2000:]
