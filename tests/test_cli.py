@@ -62,6 +62,25 @@ def test_summary_xresnet_seed_output():
     assert r.stdout.splitlines()[0] == "[0 ] ConvLayer        : 3   layers"
 
 
+def _popen(*args, env=ENV, **kw) -> subprocess.Popen:
+    """The CLI as a background process that Ctrl-C (SIGINT) reaches: a shell's background job inherits SIGINT
+    ignored, and Python then never raises KeyboardInterrupt."""
+    return subprocess.Popen([sys.executable, "-m", "fastai_groups.cli", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
+
+
+def _interrupt(p: subprocess.Popen) -> str:
+    "Send Ctrl-C, wait for the process to end (killed if it does not) and return its stderr."
+    p.send_signal(signal.SIGINT)
+    try:
+        return p.communicate(timeout=300)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
 def _strict_json(text: str):
     "json.loads that refuses NaN and Infinity (which are not JSON)."
     return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
@@ -112,16 +131,13 @@ def test_finetune_writes_every_artefact(photos, tmp_path):
 
     # Ctrl-C during training: both folders untouched, the partial run named on one line
     before = {d: {f.name: f.read_bytes() for f in (tmp_path / "runs" / d).iterdir()} for d in ("run", "run.previous")}
-    p = subprocess.Popen([sys.executable, "-m", "fastai_groups.cli", "finetune", str(photos), "--epochs", "50",
-                          "--freeze-epochs", "0", "--size", "32", "--bs", "8", "--out", "runs/run"], cwd=tmp_path,
-                         env={**ENV, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    p = _popen("finetune", photos, "--epochs", 50, "--freeze-epochs", 0, "--size", 32, "--bs", 8, "--out", "runs/run",
+               cwd=tmp_path, env={**ENV, "PYTHONUNBUFFERED": "1"})
     for line in p.stdout:  # the freeze table is printed when training starts
         if "GroupLogger: fit 0" in line:  # (it may follow a progress bar on the same line)
             break
     time.sleep(1)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    err = _interrupt(p)
     assert p.returncode == 130 and "Traceback" not in err, err
     partial = [d.name for d in (tmp_path / "runs").iterdir() if d.name.startswith("run.partial-")]
     assert len(partial) == 1 and (tmp_path / "runs" / partial[0] / "group_log.csv").exists()
@@ -133,13 +149,11 @@ def test_finetune_writes_every_artefact(photos, tmp_path):
 
 def test_interrupt_during_start_up(tmp_path):
     "Ctrl-C while torch and fastai are imported: one line, exit 130, nothing left behind."
-    p = subprocess.Popen([sys.executable, "-m", "fastai_groups.cli", "finetune", "--out", "runs/x"], cwd=tmp_path,
-                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = _popen("finetune", "--out", "runs/x", cwd=tmp_path)
     t = time.time()
     while not list(tmp_path.glob("runs/x.partial-*")) and time.time() - t < 60:  # the run has started
         time.sleep(0.01)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    err = _interrupt(p)
     assert p.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines() == ["fastai-groups: interrupted (runs/x left as it was)"]
     assert list(tmp_path.iterdir()) == []  # neither the staging folder nor the runs/ it created
