@@ -524,7 +524,8 @@ def cmd_finetune(args) -> list[str]:
     learn = _learner(dls, args)
     _check_size(learn, args)
     t_data = time.perf_counter() - t0
-    print(f"data: {_data_name(path, args.path).replace('`', '')} ({len(dls.train_ds)} train, {len(dls.valid_ds)} valid, "
+    name = _data_name(path, args.path).replace("`", "")
+    print(f"data: {name} ({len(dls.train_ds)} train, {len(dls.valid_ds)} valid, "
           f"{len(dls.vocab)} classes); model: {args.arch}; device: {device}; threads: {args.threads_used[0]}")
     t1 = time.perf_counter()
     args.stage.started = True

@@ -290,7 +290,8 @@ snap = cache / "models--timm--resnet18.a1_in1k" / "snapshots" / ("0" * 40)
 snap.mkdir(parents=True)
 (cache / "models--timm--resnet18.a1_in1k" / "refs").mkdir()
 (cache / "models--timm--resnet18.a1_in1k" / "refs" / "main").write_text("0" * 40)
-sd = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in timm.create_model("resnet18").state_dict().items()}
+sd = {k: torch.randn_like(v) if v.is_floating_point() else v
+      for k, v in timm.create_model("resnet18").state_dict().items()}
 save_file(sd, str(snap / "model.safetensors"))
 from fastai_groups.weights import build_model, _hub_unreachable
 assert _hub_unreachable() is not None, "this test needs a machine without network"
