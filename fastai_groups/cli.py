@@ -461,9 +461,9 @@ def _fmt(x, spec: str = ".4f") -> str:
 
 
 def _groups_table(learn) -> str:
-    from .splitters import group_names
-    groups = learn.splitter(learn.model)
-    names = group_names(groups)
+    "The optimizer's groups with the names recorded on the learner (the splitter is not run again)."
+    from .splitters import learner_group_names
+    groups, names = learn.opt.param_lists, learner_group_names(learn)
     rows = ["| group | name | parameters | trainable now |", "|---|---|---:|---:|"]
     for i, (n, ps) in enumerate(zip(names, groups)):
         rows.append(f"| {i} | {n} | {sum(p.numel() for p in ps):,} | "
