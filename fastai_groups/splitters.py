@@ -293,12 +293,19 @@ def check_groups(model: nn.Module, groups: Any) -> None:
 
 def checked(splitter: Callable) -> Callable:
     """Wrap any splitter so that its output is validated by `check_groups` when fastai creates the optimizer.
+    A splitter that yields its groups (a generator, as plain fastai accepts) is read once: the wrapped splitter
+    returns them as a list (a `ParamGroups` is returned as it is, names kept).
 
     >>> learn = Learner(dls, model, splitter=checked(my_splitter))  # doctest: +SKIP
+    >>> checked(lambda m: (list(c.parameters()) for c in m.children()))(nn.Sequential(nn.Linear(2, 2)))  # doctest: +SKIP
+    [[Parameter containing: ..., Parameter containing: ...]]
     """
     @functools.wraps(splitter)
     def _checked(model):
         groups = splitter(model)
+        if not isinstance(groups, (list, tuple, nn.Parameter, torch.Tensor)) and type(groups).__name__ != "L" \
+                and hasattr(groups, "__iter__"):
+            groups = list(groups)          # a generator: read it once, check and return the same lists
         check_groups(model, groups)
         return groups
     return _checked

@@ -271,9 +271,9 @@ def test_cache_memory_limit_falls_back(dls, capsys):
 
 def test_cache_refuses_random_augmentation(image_dir):
     dls = make_dls(image_dir, batch_tfms=Flip(p=0.5))
-    assert random_transforms(dls.train) == ["Flip"]
+    assert random_transforms(dls.train) == ["Flip (after_batch): a fastai RandTransform, random on the training set"]
     learn = make_learn(dls, [FeatureCache()])
-    with pytest.raises(ValueError, match=r"random transforms \(Flip\).*Resize\(size, method='squish'\)"):
+    with pytest.raises(ValueError, match=r"may be random: Flip \(after_batch\).*Resize\(size, method='squish'\)"):
         fit(learn, 1)
     assert "forward" not in vars(learn.model[0])
 
