@@ -57,17 +57,16 @@ def _read_checkpoint(file, device=None, **kwargs):
         return _torch_load(file, device, **kwargs)
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):
-            raise ValueError(f"{file} is truncated or damaged ({size:,} bytes; torch cannot unpickle it); save it "
-                             "again, or load an earlier checkpoint") from None
+            raise ValueError(f"{file} is truncated or damaged ({size:,} bytes; torch cannot read it: "
+                             "UnpicklingError); save it again, or load an earlier checkpoint") from None
         raise ValueError(f"{file} holds Python objects besides weights, which torch.load(weights_only=True) refuses "
                          "(an export .pkl? read it with load_learner); if you trust the file, pass "
                          "weights_only=False") from None
     except (EOFError, RuntimeError, OSError, KeyError, IndexError, ValueError) as e:
         if isinstance(e, RuntimeError) and not any(w in str(e) for w in ("PytorchStreamReader", "EOF", "corrupt")):
             raise                                           # e.g. a CUDA file on a machine without CUDA
-        cause = str(e).split(". ")[0] or type(e).__name__
-        raise ValueError(f"{file} is truncated or damaged ({size:,} bytes; torch: {cause}); save it again, or load "
-                         "an earlier checkpoint") from None
+        raise ValueError(f"{file} is truncated or damaged ({size:,} bytes; torch cannot read it: {type(e).__name__}); "
+                         "save it again, or load an earlier checkpoint") from None
 
 
 def _sizes(learn) -> list[list[int]]:

@@ -282,8 +282,8 @@ def check_image_folder(path: PathLike, warn: bool = True) -> tuple[list[str], li
         warnings.warn(f"{len(bad)} unreadable image file(s) in {root}: {_one_line([str(p) for p in bad])}",
                       stacklevel=2)
     if wide and warn:
-        warnings.warn(f"{len(wide)} image(s) in {root} are 16- or 32-bit greyscale ({_one_line([str(p) for p in wide], 3)}"
-                      "): fastai's conversion to RGB clips them to a handful of grey levels; convert them to 8-bit "
+        names = _one_line([str(p) for p in wide], 3)
+        warnings.warn(f"{len(wide)} image(s) in {root} are 16- or 32-bit greyscale ({names}): fastai's conversion to RGB clips them to a handful of grey levels; convert them to 8-bit "
                       "first (e.g. Image.fromarray((np.asarray(im) >> 8).astype(np.uint8)) for 16-bit PNGs)",
                       stacklevel=2)
     return sorted(train), bad
