@@ -14,7 +14,7 @@ from torch import nn
 
 from fastai_groups import FeatureCache, auto_splitter, check_cacheable, check_groups, check_image_folder, \
     checked, group_learner
-from test_resume import TinyNet
+from test_checkpoint import TinyNet
 
 torch.set_num_threads(1)
 
