@@ -245,7 +245,7 @@ def check_image_folder(path: PathLike, warn: bool = True) -> tuple[list[str], li
     """
     root = Path(path).expanduser()
     if not root.exists():
-        raise ValueError(f"{root}: no such folder")
+        raise ValueError(f"{root}: no such folder; pass the folder that holds the class sub-folders")
     if not root.is_dir():
         raise ValueError(f"{root} is a file, not a folder of class sub-folders")
     split_layout = (root / "train").is_dir()
@@ -267,7 +267,8 @@ def check_image_folder(path: PathLike, warn: bool = True) -> tuple[list[str], li
             else:
                 per_split[split].append(cls.name)
     if empty:
-        raise ValueError(f"{root}: class folder(s) without readable images: {_one_line(empty)}")
+        raise ValueError(f"{root}: class folder(s) without readable images: {_one_line(empty)}; add images or "
+                         "remove the folder(s)")
     train = per_split[splits[0]]
     if len(train) < 2:
         where = root / "train" if split_layout else root
@@ -277,10 +278,11 @@ def check_image_folder(path: PathLike, warn: bool = True) -> tuple[list[str], li
     if split_layout and len(splits) > 1:
         unknown = sorted(set(per_split[splits[1]]) - set(train))
         if unknown:
-            raise ValueError(f"{root / 'valid'}: class folder(s) missing from train/: {_one_line(unknown)}")
+            raise ValueError(f"{root / 'valid'}: class folder(s) missing from train/: {_one_line(unknown)}; add "
+                             "training images of these classes, or remove them from valid/")
     if bad and warn:
-        warnings.warn(f"{len(bad)} unreadable image file(s) in {root}: {_one_line([str(p) for p in bad])}",
-                      stacklevel=2)
+        warnings.warn(f"{len(bad)} unreadable image file(s) in {root}: {_one_line([str(p) for p in bad])}; "
+                      "remove or re-save them (fastai stops on them mid-epoch; the CLI skips them)", stacklevel=2)
     if wide and warn:
         names = _one_line([str(p) for p in wide], 3)
         warnings.warn(f"{len(wide)} image(s) in {root} are 16- or 32-bit greyscale ({names}): fastai's conversion to RGB clips them to a handful of grey levels; convert them to 8-bit "

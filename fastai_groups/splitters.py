@@ -263,7 +263,8 @@ def check_groups(model: nn.Module, groups: Any) -> None:
     problems, count = [], {}
     if isinstance(groups, (nn.Parameter, torch.Tensor)) or not hasattr(groups, "__iter__"):
         raise ValueError(f"bad parameter groups for {type(model).__name__}: expected a list of lists of "
-                         f"parameters, got {type(groups).__name__}")
+                         f"parameters, got {type(groups).__name__}. Return [list(a.parameters()), ...] from the "
+                         "splitter")
     groups = list(groups)
     if not groups:
         problems.append("no groups at all")
@@ -288,7 +289,8 @@ def check_groups(model: nn.Module, groups: Any) -> None:
     if dup:
         problems.append("duplicated (stepped twice): " + ", ".join(dup))
     if problems:
-        raise ValueError(f"bad parameter groups for {type(model).__name__}: " + "; ".join(problems))
+        raise ValueError(f"bad parameter groups for {type(model).__name__}: " + "; ".join(problems) +
+                         ". The splitter must return lists of the model's parameters, each parameter in exactly one")
 
 
 def checked(splitter: Callable) -> Callable:
