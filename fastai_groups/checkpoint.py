@@ -113,9 +113,10 @@ def _restore_random_state(learn, saved: dict) -> None:
     now = get_random_states()
     kind, keys, pos, has_gauss, gauss = saved["numpy"]
     cuda = saved["cuda"] if len(saved["cuda"]) == len(now["torch_cuda_state"]) else now["torch_cuda_state"]
+    cuda = [t.cpu() for t in cuda]                      # `load(device=...)` maps every tensor there
     set_random_states(random_state=_tuples(saved["random"]),
                       numpy_state=(kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss),
-                      torch_state=saved["torch"], torch_cuda_state=cuda,
+                      torch_state=saved["torch"].cpu(), torch_cuda_state=cuda,
                       torch_deterministic=now["torch_deterministic"], torch_benchmark=now["torch_benchmark"])
     dls = _loaders(learn)
     if len(dls) == len(saved["loaders"]):
