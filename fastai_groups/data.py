@@ -285,7 +285,7 @@ def check_image_folder(path: PathLike, warn: bool = True) -> tuple[list[str], li
                       "remove or re-save them (fastai stops on them mid-epoch; the CLI skips them)", stacklevel=2)
     if wide and warn:
         names = _one_line([str(p) for p in wide], 3)
-        warnings.warn(f"{len(wide)} image(s) in {root} are 16- or 32-bit greyscale ({names}): fastai's conversion to RGB clips them to a handful of grey levels; convert them to 8-bit "
-                      "first (e.g. Image.fromarray((np.asarray(im) >> 8).astype(np.uint8)) for 16-bit PNGs)",
+        warnings.warn(f"{len(wide)} image(s) in {root} are 16- or 32-bit greyscale ({names}): fastai's conversion "
+                      "to RGB clips them to a handful of grey levels; convert them to 8-bit first (e.g. Image.fromarray((np.asarray(im) >> 8).astype(np.uint8)) for 16-bit PNGs)",
                       stacklevel=2)
     return sorted(train), bad

@@ -251,10 +251,10 @@ def check_groups(model: nn.Module, groups: Any) -> None:
     `nn.Parameter` and every empty group in a splitter's output `groups` for `model`.
 
     >>> m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-    >>> check_groups(m, [list(m[0].parameters())])
+    >>> check_groups(m, [list(m[0].parameters())])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: bad parameter groups for Sequential: missing (never trained): 1.weight, 1.bias
+    ValueError: bad parameter groups for Sequential: missing (never trained): 1.weight, 1.bias. The splitter must ...
     """
     model = unwrap_model(model)
     names = {}
@@ -299,8 +299,8 @@ def checked(splitter: Callable) -> Callable:
     returns them as a list (a `ParamGroups` is returned as it is, names kept).
 
     >>> learn = Learner(dls, model, splitter=checked(my_splitter))  # doctest: +SKIP
-    >>> checked(lambda m: (list(c.parameters()) for c in m.children()))(nn.Sequential(nn.Linear(2, 2)))  # doctest: +SKIP
-    [[Parameter containing: ..., Parameter containing: ...]]
+    >>> len(checked(lambda m: (list(c.parameters()) for c in m.children()))(nn.Sequential(nn.Linear(2, 2))))
+    1
     """
     @functools.wraps(splitter)
     def _checked(model):

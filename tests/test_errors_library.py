@@ -1,7 +1,6 @@
 """Every user mistake the library's public functions handle gives one clear line (problem + fix): one test per row
 of docs/errors_library.md (the test asserts the message; it does not read the doc). Real models and data: a
 TinyNet on the `image_folder` PNGs, a 2-layer nn.Sequential."""
-import shutil
 import warnings
 
 import numpy as np
