@@ -269,11 +269,8 @@ def cmd_compare(args) -> None:
     md = table.to_markdown(index=False) if _has_tabulate() else _markdown(table)
     (out / "compare.md").write_text(f"# Freeze/unfreeze schedules on `{path}` ({args.arch}, {args.size} px, "
                                     f"{args.freeze_epochs}+{args.epochs} epochs, seed {args.seed})\n\n{md}\n")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for s, acc in curves.items():
-        ax.plot(range(1, len(acc) + 1), acc, marker="o", label=s)
-    ax.set_xlabel("epoch"), ax.set_ylabel("validation accuracy"), ax.legend(), ax.grid(alpha=0.3)
-    ax.set_title(f"{args.arch} on {path.name}")
+    from .plots import plot_compare
+    fig = plot_compare(curves, args.freeze_epochs, f"{args.arch} on {path.name}")
     fig.savefig(out / "compare.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     print(md)
