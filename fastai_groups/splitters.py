@@ -254,7 +254,7 @@ def check_groups(model: nn.Module, groups: Any) -> None:
     >>> check_groups(m, [list(m[0].parameters())])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: bad parameter groups for Sequential: missing (never trained): 1.weight, 1.bias. The splitter must ...
+    ValueError: bad parameter groups for Sequential: missing (never trained): 1.weight, 1.bias; fix the splitter: ...
     """
     model = unwrap_model(model)
     names = {}
@@ -290,7 +290,7 @@ def check_groups(model: nn.Module, groups: Any) -> None:
         problems.append("duplicated (stepped twice): " + ", ".join(dup))
     if problems:
         raise ValueError(f"bad parameter groups for {type(model).__name__}: " + "; ".join(problems) +
-                         ". The splitter must return lists of the model's parameters, each parameter in exactly one")
+                         "; fix the splitter: it must return lists of the model's parameters, each in exactly one")
 
 
 def checked(splitter: Callable) -> Callable:

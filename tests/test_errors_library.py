@@ -131,7 +131,7 @@ ROWS = [
     ("freeze_to-type", lambda r, t: learner(r, t).freeze_to(1.5), TypeError,
      "freeze_to takes an int (the number of groups to freeze), got float"),
     ("freeze_to-range", lambda r, t: learner(r, t).freeze_to(9), IndexError,
-     "freeze_to(9): the learner has 5 parameter groups (stem, stage1, stage2, stage3, head); use -5..5"),
+     "freeze_to(9): the learner has 5 parameter groups (stem, stage1, stage2, stage3, head); use -4..5"),
     ("freeze-nothing", lambda r, t: learner(r, t, splitter=lambda m: [list(m.parameters())]).freeze(), ValueError,
      "freeze() would freeze nothing: the learner has 1 parameter group (group0)"),
     # GroupLearner.load
