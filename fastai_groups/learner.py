@@ -147,10 +147,11 @@ class GroupLearner(Learner):
     def save(self, file: Any, with_opt: bool = True, pickle_protocol: int = 2, **torch_save_kwargs) -> Any:
         """fastai's `save` (`{'model': ..., 'opt': ...}` in `path/model_dir/file.pth`, rank 0 only), plus what
         resuming needs and fastai does not keep (`checkpoint.py`): the groups (names, sizes), the freeze state
-        (`requires_grad` of every parameter, `opt.frozen_idx`) and the state of every callback with `state_dict`
-        (the `GroupLogger` history). A plain fastai `Learner` loads the file too. The weights are saved without
-        `torch.compile` / `DataParallel` / DDP wrappers. `with_opt=False`: the weights only, as fastai. Returns
-        the file's path.
+        (`requires_grad` of every parameter, `opt.frozen_idx`), the state of every callback with `state_dict`
+        (the `GroupLogger` history) and the random states (Python, numpy, torch CPU and CUDA generators, and the
+        shuffling `rng` of each loader of `dls`). A plain fastai `Learner` loads the file too. The weights are
+        saved without `torch.compile` / `DataParallel` / DDP wrappers. `with_opt=False`: the weights only, as
+        fastai. Returns the file's path.
 
         >>> learn.fit_one_cycle(1, slice(1e-4, 1e-3)); learn.save("epoch0")  # doctest: +SKIP
         >>> fresh = group_learner(dls, "resnet18", pretrained=False).load("epoch0")  # doctest: +SKIP
@@ -165,9 +166,14 @@ class GroupLearner(Learner):
              **torch_load_kwargs) -> "GroupLearner":
         """fastai's `load`, restoring what `save` kept. With `with_opt` (and a file that has an optimizer state): the
         per-group hypers and optimizer state, the freeze state (whatever this learner's was: it is not re-frozen
-        from a schedule) and the callbacks' states (the `GroupLogger` history: the next fit continues its
-        iteration count). With `with_opt`, a checkpoint of another grouping (number or sizes of groups) raises
-        `ValueError` naming both, before anything is changed (fastai only warns and trains on; of a plain fastai
+        from a schedule), the callbacks' states (the `GroupLogger` history: the next fit continues its
+        iteration count) and the random states `save` kept (the global generators, changed by `load`, and the
+        loaders' shuffling; not under DDP, where each process keeps its own). So a fit saved at the end of an
+        epoch (`SaveModelCallback(every_epoch=True, with_opt=True)`) and resumed in a new learner on the same data
+        with `fit_one_cycle(n, start_epoch=k)` gives the weights of the uninterrupted fit, bit for bit on CPU
+        (shuffling, augmentation and dropout draw the same numbers; on GPU, up to non-deterministic kernels).
+        With `with_opt`, a checkpoint of another grouping (number or sizes of groups) raises `ValueError` naming
+        both, before anything is changed (fastai only warns and trains on; of a plain fastai
         file only the number of groups is known). Files saved by plain fastai load as with fastai (weights,
         optimizer state); `with_opt=False` loads the weights only. `file`: a name in `path/model_dir` (`.pth`
         added) or a path; `device`, `strict`: as fastai's.
