@@ -2,6 +2,7 @@
 short real fine-tune."""
 import functools
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -143,13 +144,23 @@ def test_group_learner_refuses_what_fastai_does_silently(folder, r18_file):
     dls = folder_dls(folder)
     learn = group_learner(dls, resnet18, pretrained=False)
     assert isinstance(learn, GroupLearner)
+    rule = (r"use -5..6: freeze_to\(n\) freezes the first n groups, freeze_to\(-n\) trains only the last n, "
+            r"freeze_to\(0\) trains all$")
     with pytest.raises(IndexError, match=r"freeze_to\(7\): the learner has 6 parameter groups \(stem, stage1, "
-                                         r"stage2, stage3, stage4, head\); use -6..6"):
+                                         r"stage2, stage3, stage4, head\); " + rule):
         learn.freeze_to(7)
-    with pytest.raises(IndexError, match=r"use -6..6"):
+    with pytest.raises(IndexError, match=r"^freeze_to\(-7\): .*" + rule):
         learn.freeze_to(-7)
-    with pytest.raises(ValueError, match=r"freeze_to\(-6\) would freeze nothing"):
+    with pytest.raises(ValueError, match=r"^freeze_to\(-6\) would freeze nothing: the learner has 6 parameter "
+                                         r"groups \(.*\) and freeze_to\(-6\) trains the last 6, that is all of "
+                                         r"them; " + rule) as e:
         learn.freeze_to(-6)
+    assert "auto_splitter" not in str(e.value)             # it is the splitter already: the rule is what helps
+    for n in (-5, 6, 0):                                  # the ends of the range the messages give really work
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")              # fastai warns that freeze_to(6) freezes the whole model
+            learn.freeze_to(n)
+        assert learn.opt.frozen_idx == (n if n >= 0 else 6 + n)
     with pytest.raises(TypeError, match="freeze_to takes an int"):
         learn.freeze_to(1.5)
     learn.freeze_to(2)  # in range: fastai's behaviour
