@@ -11,8 +11,8 @@ from fastai.vision.all import Brightness, Flip, ImageDataLoaders, RandomErasing,
 from PIL import Image
 from torch import nn
 
-from fastai_groups import FeatureCache, auto_splitter, check_cacheable, check_groups, check_image_folder, \
-    checked, group_learner
+from fastai_groups import FeatureCache, arch_summary, auto_splitter, check_cacheable, check_groups, \
+    check_image_folder, checked, group_learner
 from test_checkpoint import TinyNet
 
 torch.set_num_threads(1)
@@ -123,6 +123,18 @@ ROWS = [
     ("group_learner-arch-source", lambda r, t: group_learner(dls_of(r), "tim:resnet18", pretrained=False),
      ValueError, "unknown model source 'tim' in 'tim:resnet18': use 'timm:', 'torchvision:' or 'fastai:'"),
     ("group_learner-n_in", lambda r, t: learner(r, t, n_in=0), ValueError, "n_in must be a positive int, got 0"),
+    ("group_learner-instance", lambda r, t: group_learner(dls_of(r), TinyNet(), lin_ftrs=[16], path=t), "print",
+     "TinyNet instance taken as given: not frozen, no Normalize added; pass pretrained=True to freeze its body"),
+    ("group_learner-instance-stats", lambda r, t: group_learner(dls_of(r), TinyNet(), pretrained=True,
+                                                                lin_ftrs=[16], path=t), "print",
+     "TinyNet instance taken as pretrained: body frozen, no Normalize added (the stats its weights expect are "
+     "unknown: add Normalize.from_stats(mean, std) to the DataLoaders' batch_tfms)"),
+    # arch_summary
+    ("arch_summary-groups-name", lambda r, t: arch_summary(TinyNet, groups="stages"), ValueError,
+     "groups='stages' is not a granularity: use one of 'stage', 'fastai', 'block', a splitter, its output or a "
+     "Learner"),
+    ("arch_summary-groups-foreign", lambda r, t: arch_summary(TinyNet, groups=auto_splitter(TinyNet())), ValueError,
+     "the groups hold none of the summarised model's parameters"),
     ("fit-slice-one-group", lambda r, t: learner(r, t, splitter=lambda m: [list(m.parameters())]).fit(
         1, slice(1e-4, 1e-2)), ValueError, "lr=slice(0.0001, 0.01) spreads discriminative values over parameter "
      "groups, but the optimizer has a single group"),
