@@ -20,185 +20,20 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 __all__ = ["main", "make_dls", "SCHEDULES"]
 
+from .checks import (UsageError, check_batches, check_data_arg, check_folder, check_numbers, check_size,  # noqa: E402
+                     diverged, epoch_log, nan_stop, pick_threads)
+from .runs import Staging, shown  # noqa: E402
+
 DEFAULT_ARCH = "tf_efficientnet_lite0"
 SCHEDULES = ("fine_tune", "gradual", "two_groups", "unfrozen")
 GRANULARITIES = ("stage", "fastai", "block")  # = splitters.GRANULARITIES, here so that --help needs no torch
-
-
-class UsageError(Exception):
-    "A problem with the user's input: reported in one line, exit status 2."
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Output folder: written beside --out, moved into place at the end
-# ----------------------------------------------------------------------------------------------------------------
-#: What the commands write into --out; a folder holding anything else is not replaced.
-ARTEFACTS = ("export.pkl", "group_log.csv", "group_lr.png", "confusion_matrix.png", "report.md", "results.json",
-             "compare.csv", "compare.md", "compare.png")
-
-
-def shown(p: Path) -> str:
-    "`p` relative to the working directory when it is below it, else as given."
-    try:
-        return str(Path(p).resolve().relative_to(Path.cwd().resolve())) or "."
-    except ValueError:
-        return str(p)
-
-
-def _foreign(folder: Path) -> list[str]:
-    "Entries of `folder` that no fastai-groups command writes."
-    return sorted(f.name for f in folder.iterdir() if not (f.is_file() and (
-        f.name in ARTEFACTS or (f.name.startswith("group_log_") and f.suffix == ".csv"))))
-
-
-class Staging:
-    """A fresh folder beside `out` that a run writes into; `publish()` moves it to `out` at the end, the results
-    already there (fastai-groups artefacts only) to `<out>.previous` (replacing an older `<out>.previous`, said
-    on the console). `check()` refuses, before anything is written, an `out` that is a file, lies under a file,
-    cannot be written or holds other files. Until `publish()`, `out` is untouched.
-
-    >>> st = Staging(Path("runs/finetune")); st.check(); st.open()  # doctest: +SKIP
-    """
-
-    def __init__(self, out: Path):
-        self.out = Path(out).expanduser().absolute()
-        self.previous = self.out.with_name(self.out.name + ".previous")
-        self.tmp: Optional[Path] = None
-        self.made: list[Path] = []   # parent folders created for the run (removed again if nothing is written)
-        self.started = False         # training has started: a failure keeps the partial folder
-
-    def check(self) -> None:
-        out, arg = self.out, shown(self.out)
-        for parent in [out, *out.parents]:
-            if parent.exists() and not parent.is_dir():
-                where = "is a file" if parent == out else f"lies under {shown(parent)}, which is a file"
-                raise UsageError(f"--out {arg} {where}, not a folder: give another --out")
-            if parent.exists():
-                break
-        parent = next(p for p in out.parents if p.exists())  # the staging folder is made beside out
-        try:  # a real attempt: permission bits say nothing to root, nor about read-only or special file systems
-            os.rmdir(tempfile.mkdtemp(prefix=".fastai-groups-probe-", dir=parent))
-        except OSError as e:
-            raise UsageError(f"--out {arg}: cannot write into {shown(parent)} ({e.strerror}): "
-                             "give another --out") from None
-        for folder, fix in ((out, "give another --out or an empty folder"),
-                            (self.previous, f"move {shown(self.previous)} away or give another --out")):
-            if folder.is_dir() and _foreign(folder):
-                names = _foreign(folder)
-                raise UsageError(f"{shown(folder)} holds files fastai-groups did not write ({', '.join(names[:3])}"
-                                 f"{', ...' if len(names) > 3 else ''}) and would be replaced: {fix}")
-
-    def open(self) -> Path:
-        "Create the parents of `out` and the staging folder `<out>.partial-XXXX`; return the latter."
-        missing = [p for p in [self.out.parent, *self.out.parent.parents] if not p.exists()]
-        try:
-            for p in reversed(missing):
-                p.mkdir()
-                self.made.append(p)
-            self.tmp = Path(tempfile.mkdtemp(prefix=self.out.name + ".partial-", dir=self.out.parent))
-            umask = os.umask(0)
-            os.umask(umask)
-            self.tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the results folder should not be
-        except OSError as e:
-            self.discard()
-            raise UsageError(f"--out {shown(self.out)}: cannot create it ({e.strerror}): give another --out") from None
-        return self.tmp
-
-    def publish(self) -> list[str]:
-        "Move the staging folder to `out` (the old `out` to `<out>.previous`); return what to tell the user."
-        notes = []
-        if self.out.is_dir() and not any(self.out.iterdir()):
-            self.out.rmdir()
-        if self.out.exists():
-            if self.previous.exists():
-                shutil.rmtree(self.previous)  # fastai-groups artefacts only (check), the results before last
-                notes.append(f"removed the older {shown(self.previous)}")
-            self.out.rename(self.previous)
-            notes.append(f"previous results moved to {shown(self.previous)}")
-        self.tmp.rename(self.out)
-        self.tmp = None
-        return notes
-
-    def discard(self) -> None:
-        "Remove the staging folder (and created parents) of a run that stopped before training."
-        if self.tmp is not None and not _foreign(self.tmp):
-            shutil.rmtree(self.tmp)
-            self.tmp = None
-        for p in reversed(self.made):
-            with contextlib.suppress(OSError):
-                p.rmdir()  # only if still empty
-
-    def fail_note(self, always: bool = False) -> str:
-        """What a failed or interrupted run left: nothing (staging folder removed before training), or the
-        partial folder (kept once training started); `out` is untouched either way."""
-        if not self.started:
-            self.discard()
-        if not (self.started or always):
-            return ""
-        kept = f"; the partial run is in {shown(self.tmp)}" if self.tmp is not None else ""
-        return f" ({shown(self.out)} left as it was{kept})"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Threads and checks before training
-# ----------------------------------------------------------------------------------------------------------------
-def _physical_cores() -> int:
-    try:
-        import psutil
-        cores = psutil.cpu_count(logical=False)
-    except ImportError:
-        cores = None
-    n = cores or os.cpu_count() or 1
-    if hasattr(os, "sched_getaffinity"):
-        n = min(n, len(os.sched_getaffinity(0)))
-    return max(1, n)
-
-
-def pick_threads(threads: Optional[int]) -> tuple[int, str]:
-    """The number of CPU threads for torch and where it comes from: `--threads`, else `OMP_NUM_THREADS`, else
-    the physical cores this process may use minus the current 1-minute load average (at least 1), so that a
-    shared machine is not oversubscribed.
-
-    >>> pick_threads(3)
-    (3, '--threads')
-    """
-    if threads:
-        return threads, "--threads"
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env), "OMP_NUM_THREADS"
-    cores = _physical_cores()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, cores - round(load)), f"auto: {cores} physical cores minus load {load:.2f}"
-
-
-def _check_numbers(args) -> None:
-    "Numeric options, before anything is imported."
-    for name in ("epochs", "freeze_epochs", "size", "bs", "threads"):
-        v = getattr(args, name, None)
-        if name == "freeze_epochs" and v is not None and v < 0:
-            raise UsageError(f"--freeze-epochs must be >= 0, got {v}")
-        if name != "freeze_epochs" and v is not None and v < 1:
-            raise UsageError(f"--{name} must be positive, got {v}")
-    if hasattr(args, "bs") and args.bs < 2:
-        raise UsageError(f"--bs {args.bs}: the head's BatchNorm layers need at least 2 images per batch: "
-                         "use --bs 2 or more")
-    if hasattr(args, "size") and args.size < 2:
-        raise UsageError(f"--size {args.size}: fastai's Resize and augmentation need at least 2 pixels: "
-                         "use --size 32 or more")
-    if hasattr(args, "valid_pct") and not 0 < args.valid_pct < 1:
-        raise UsageError(f"--valid-pct must be between 0 and 1 (exclusive), got {args.valid_pct}")
-    if hasattr(args, "lr") and not (args.lr > 0 and math.isfinite(args.lr)):
-        raise UsageError(f"--lr must be a positive finite number (default 2e-3), got {args.lr}")
 
 
 def _schedules(args) -> list[str]:
@@ -208,154 +43,6 @@ def _schedules(args) -> list[str]:
     if unknown or not schedules:
         raise UsageError(f"unknown schedule(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(SCHEDULES)}")
     return schedules
-
-
-def _check_data_arg(args) -> None:
-    "The data folder, given positionally or as --data (both: they must agree)."
-    if not hasattr(args, "data"):
-        return
-    if args.data is not None and args.path is not None and args.data.resolve() != args.path.resolve():
-        raise UsageError(f"two data folders given, {args.path} and --data {args.data}: give one")
-    args.path = args.path if args.path is not None else args.data
-    if args.path is not None and not args.path.exists():
-        raise UsageError(f"{args.path}: no such folder")
-
-
-def _check_folder(args) -> None:
-    """The data folder's layout and image counts, before torch and fastai are imported: the batch checks of
-    `_check_batches` from the counts (fastai's `RandomSplitter` puts `int(valid_pct * n)` images in valid)."""
-    from .data import _is_image, _subdirs, check_image_folder, product_sample
-    path = product_sample() if args.path is None else args.path
-    try:
-        args.folder_check = check_image_folder(path, warn=False)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        raise UsageError(str(e)) from None
-    bad = set(args.folder_check[1])
-    count = lambda d: sum(_is_image(f) and f not in bad for c in _subdirs(d) for f in c.iterdir())  # noqa: E731
-    if (path / "train").is_dir() and (path / "valid").is_dir():
-        n_train, n_valid = count(path / "train"), count(path / "valid")
-    else:
-        n = count(path)
-        n_valid = int(args.valid_pct * n)
-        n_train = n - n_valid
-    _check_batches(n_train, n_valid, n_train // args.bs, args)  # fastai drops the last incomplete batch
-
-
-def _check_batches(n_train: int, n_valid: int, n_batches: int, args) -> None:
-    "At least one full training batch and one validation image."
-    split = args.path is not None and (args.path / "train").is_dir() and (args.path / "valid").is_dir()
-    if n_valid == 0:
-        n = n_train + n_valid
-        fix = "put images into valid/" if split else \
-            f"use --valid-pct {math.ceil(100 / max(1, n)) / 100:g} or more"
-        raise UsageError(f"--valid-pct {args.valid_pct:g} leaves no validation image out of {n}: {fix}")
-    if n_train < 2:
-        raise UsageError(f"only {n_train} training image(s) (need at least 2): add images"
-                         + ("" if split else " or lower --valid-pct"))
-    if n_batches == 0:
-        raise UsageError(f"--bs {args.bs} is larger than the {n_train} training images (fastai drops the last "
-                         f"incomplete batch, so nothing would train): use --bs {n_train} or less")
-
-
-def _check_size(learn, args) -> None:
-    "A forward of the model at `--size` on the meta device (no memory, no compute): too small a size is an error."
-    import torch
-
-    from .splitters import on_meta
-
-    def fits(size: int) -> Optional[Exception]:
-        try:
-            with on_meta(learn.model), torch.no_grad():
-                learn.model(torch.empty(2, 3, size, size, device="meta"))
-        except Exception as e:
-            return e
-        return None
-
-    err = fits(args.size)
-    if err is None:
-        return
-    sizes = (8, 16, 32, 64, 128, 224, 256, 299, 384, 512)
-    ok = next((s for s in sizes if fits(s) is None), None)
-    why = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-    fix = f"use --size {ok}, the smallest of {', '.join(map(str, sizes))} it accepts" if ok else \
-        "pick a size the model accepts"
-    raise UsageError(f"--size {args.size} does not fit {args.arch} ({why.rstrip('.')}): {fix}")
-
-
-def _epoch_log():
-    "A callback keeping every epoch's recorder values (fastai's Recorder forgets earlier fits) with its phase."
-    from fastai.callback.core import Callback
-
-    class EpochLog(Callback):
-        order = 51  # after the Recorder (50) has stored the epoch's values; learn.epoch_log
-        run_valid = False
-
-        def __init__(self):
-            self.rows, self.n_fits, self.new_fit, self.trained = [], 0, False, False
-
-        def before_fit(self):  # get_preds runs before_fit/after_epoch too, but never a training phase
-            self.new_fit = True
-
-        def after_train(self):
-            self.n_fits += self.new_fit
-            self.new_fit, self.trained = False, True
-
-        def after_epoch(self):
-            if not self.trained:
-                return
-            self.trained = False
-            rec = self.learn.recorder
-            vals = dict(zip(rec.metric_names[1:-1], rec.values[-1])) if rec.values else {}
-            n, frozen = len(self.opt.param_lists), self.opt.frozen_idx
-            phase = "unfrozen" if frozen == 0 else "frozen" if frozen >= n - 1 else \
-                f"partly frozen ({n - frozen} of {n} groups trainable)"
-            self.rows.append({"epoch": len(self.rows) + 1, "fit": self.n_fits - 1, "phase": phase,
-                              **{k: _finite(v) for k, v in vals.items()}})
-
-    return EpochLog()
-
-
-def _nan_stop():
-    "fastai's `TerminateOnNaNCallback`, remembering where the loss became NaN/inf and cancelling later fits too."
-    from fastai.callback.core import CancelFitException
-    from fastai.callback.tracker import TerminateOnNaNCallback
-
-    class NanStop(TerminateOnNaNCallback):  # learn.nan_stop
-        run_valid = False  # training losses only (get_preds(with_loss=True) gives one loss per item)
-
-        def __init__(self):
-            self.diverged = None  # the batch (1-based, within its epoch) whose loss was NaN or inf
-
-        def before_fit(self):
-            if self.diverged:
-                raise CancelFitException
-
-        def after_batch(self):
-            try:
-                super().after_batch()
-            except CancelFitException:
-                self.diverged = self.iter + 1
-                raise
-
-    return NanStop()
-
-
-def _diverged(learn, lr: float) -> Optional[str]:
-    "The one-line message for a run that `NanStop` stopped, else None."
-    if not learn.nan_stop.diverged:
-        return None
-    epoch, batch = len(learn.epoch_log.rows) + 1, learn.nan_stop.diverged
-    return (f"the training loss became NaN or infinite in epoch {epoch} (batch {batch}): training stopped; "
-            f"lower --lr (was {lr:g}, default 2e-3)")
-
-
-def _finite(x) -> Optional[float]:
-    "A float for results.json: None instead of NaN/inf (which JSON cannot hold)."
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,7 +100,7 @@ def _learner(dls, args, splitter=None, fname: Optional[str] = "group_log.csv", c
         learn = group_learner(dls, args.arch, pretrained=args.pretrained, weights=args.weights,
                               splitter=splitter or functools.partial(auto_splitter, granularity=args.granularity),
                               metrics=[error_rate, accuracy],
-                              cbs=[GroupLogger(fname=fname), _epoch_log(), _nan_stop(), *cbs],
+                              cbs=[GroupLogger(fname=fname), epoch_log(), nan_stop(), *cbs],
                               path=args.out, model_dir=".")
     except (ValueError, RuntimeError, ImportError, FileNotFoundError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
@@ -517,10 +204,10 @@ def cmd_finetune(args) -> list[str]:
     t0 = time.perf_counter()
     dls, path, unreadable = make_dls(args.path, args.size, args.bs, args.valid_pct, args.seed, device,
                                      folder_check=args.folder_check)
-    _check_batches(len(dls.train_ds), len(dls.valid_ds), len(dls.train), args)  # as fastai counts
+    check_batches(len(dls.train_ds), len(dls.valid_ds), len(dls.train), args)  # as fastai counts
     args.out = out
     learn = _learner(dls, args)
-    _check_size(learn, args)
+    check_size(learn, args)
     t_data = time.perf_counter() - t0
     name = _data_name(path, args.path).replace("`", "")
     print(f"data: {name} ({len(dls.train_ds)} train, {len(dls.valid_ds)} valid, "
@@ -533,9 +220,9 @@ def cmd_finetune(args) -> list[str]:
         learn.unfreeze()
         learn.fit_one_cycle(args.epochs, slice(args.lr / 200, args.lr / 2))
     t_train = time.perf_counter() - t1
-    diverged = _diverged(learn, args.lr)
-    if diverged:
-        raise UsageError(diverged)
+    why = diverged(learn, args.lr)
+    if why:
+        raise UsageError(why)
     res = _results(learn)
 
     learn.path = args.stage.out  # what the exported learner remembers: the final folder, not the staging one
@@ -609,14 +296,14 @@ def cmd_compare(args) -> list[str]:
     _start(args)
     dls, path, _ = make_dls(args.path, args.size, args.bs, args.valid_pct, args.seed, device,
                             folder_check=args.folder_check)
-    _check_batches(len(dls.train_ds), len(dls.valid_ds), len(dls.train), args)  # as fastai counts
+    check_batches(len(dls.train_ds), len(dls.valid_ds), len(dls.train), args)  # as fastai counts
     rows, curves = [], {}
     for s in schedules:
         set_seed(args.seed, reproducible=True)
         splitter = functools.partial(auto_splitter, n_groups=2) if s == "two_groups" else None
         learn = _learner(dls, args, splitter=splitter, fname=f"group_log_{s}.csv")
         if not rows:
-            _check_size(learn, args)
+            check_size(learn, args)
             args.stage.started = True
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -626,16 +313,16 @@ def cmd_compare(args) -> list[str]:
         dt = time.perf_counter() - t
         res = _results(learn)
         n_epochs = args.freeze_epochs + args.epochs
-        diverged = _diverged(learn, args.lr)
-        rnd = lambda x: None if x is None or diverged else round(x, 4)  # noqa: E731
+        why = diverged(learn, args.lr)
+        rnd = lambda x: None if x is None or why else round(x, 4)  # noqa: E731
         row = {"schedule": s, "groups": len(learn.opt.param_lists), "accuracy": rnd(res["accuracy"]),
                "error_rate": rnd(res["error_rate"]), "s_per_epoch": round(dt / n_epochs, 2)}
         if device.type == "cuda":
             row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
         rows.append(row)
-        if diverged:
+        if why:
             row["note"] = "diverged (loss NaN)"
-            print(f"{s}: {diverged}", file=sys.stderr)
+            print(f"{s}: {why}", file=sys.stderr)
             continue
         curves[s] = [math.nan if a is None else a for a in res["accuracy_per_epoch"]]
         print(f"{s}: accuracy {_fmt(row['accuracy'])} ({row['s_per_epoch']} s/epoch)")
@@ -745,8 +432,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stage = None
     try:
         args = build_parser().parse_args(argv)
-        _check_numbers(args)
-        _check_data_arg(args)
+        check_numbers(args)
+        check_data_arg(args)
         if hasattr(args, "schedules"):
             _schedules(args)
         if hasattr(args, "out"):  # a training command: check --out, then write beside it
@@ -754,7 +441,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
             stage = Staging(Path(args.out))
             stage.check()
-            _check_folder(args)
+            check_folder(args)
             args.stage = stage
             stage.open()
         written = args.func(args)

@@ -199,11 +199,13 @@ def fashion_mnist(dest: PathLike | None = None, n_per_class: int | None = None,
 # ----------------------------------------------------------------------------------------------------------------
 # Checking a user's folder
 # ----------------------------------------------------------------------------------------------------------------
-def _is_image(p: Path) -> bool:
+def is_image(p: Path) -> bool:
+    "A visible file with an image extension."
     return p.is_file() and p.suffix.lower() in _IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
-def _subdirs(folder: Path) -> list[Path]:
+def class_folders(folder: Path) -> list[Path]:
+    "The class folders of an image folder: visible sub-folders, sorted."
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith((".", "_")))
 
 
@@ -256,8 +258,8 @@ def check_image_folder(path: PathLike, warn: bool = True) -> tuple[list[str], li
     wide: list[Path] = []
     for split in splits:
         per_split[split] = []
-        for cls in _subdirs(split):
-            images = sorted(p for p in cls.iterdir() if _is_image(p))
+        for cls in class_folders(split):
+            images = sorted(p for p in cls.iterdir() if is_image(p))
             modes = {p: _mode(p) for p in images}
             unreadable = [p for p in images if modes[p] is None]
             bad += unreadable

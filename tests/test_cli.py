@@ -133,10 +133,11 @@ def test_finetune_writes_every_artefact(photos, tmp_path):
     before = {d: {f.name: f.read_bytes() for f in (tmp_path / "runs" / d).iterdir()} for d in ("run", "run.previous")}
     p = _popen("finetune", photos, "--epochs", 50, "--freeze-epochs", 0, "--size", 32, "--bs", 8, "--out", "runs/run",
                cwd=tmp_path, env={**ENV, "PYTHONUNBUFFERED": "1"})
-    for line in p.stdout:  # the freeze table is printed when training starts
-        if "GroupLogger: fit 0" in line:  # (it may follow a progress bar on the same line)
-            break
-    time.sleep(1)
+    started = False
+    for line in p.stdout:  # the freeze table is printed when training starts, epoch 0's row when it ends
+        started = started or "GroupLogger: fit 0" in line  # (it may follow a progress bar on the same line)
+        if started and re.match(r"\s*0\s+[\d.]+\s", line.split("\r")[-1]):
+            break                                          # an epoch is done: its log rows are on disk
     err = _interrupt(p)
     assert p.returncode == 130 and "Traceback" not in err, err
     partial = [d.name for d in (tmp_path / "runs").iterdir() if d.name.startswith("run.partial-")]
@@ -229,7 +230,7 @@ def test_package_names_resolve_lazily():
 
 
 def test_pick_threads(monkeypatch):
-    from fastai_groups.cli import pick_threads
+    from fastai_groups.checks import pick_threads
     assert pick_threads(3) == (3, "--threads")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert pick_threads(None) == (2, "OMP_NUM_THREADS")

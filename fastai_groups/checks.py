@@ -1,0 +1,216 @@
+"""Checks of the command line's input before any training (one line, the problem and the fix, exit status 2), the
+thread count, and the guards during training (a NaN loss stops the run; the per-epoch log of the report).
+torch and fastai are imported inside the functions that need them, so a bad flag answers at once."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+__all__ = ["UsageError", "pick_threads", "check_numbers", "check_data_arg", "check_folder", "check_batches",
+           "check_size", "epoch_log", "nan_stop", "diverged", "finite"]
+
+
+class UsageError(Exception):
+    "A problem with the user's input: reported in one line, exit status 2."
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Threads and checks before training
+# ----------------------------------------------------------------------------------------------------------------
+def _physical_cores() -> int:
+    try:
+        import psutil
+        cores = psutil.cpu_count(logical=False)
+    except ImportError:
+        cores = None
+    n = cores or os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        n = min(n, len(os.sched_getaffinity(0)))
+    return max(1, n)
+
+
+def pick_threads(threads: Optional[int]) -> tuple[int, str]:
+    """The number of CPU threads for torch and where it comes from: `--threads`, else `OMP_NUM_THREADS`, else
+    the physical cores this process may use minus the current 1-minute load average (at least 1), so that a
+    shared machine is not oversubscribed.
+
+    >>> pick_threads(3)
+    (3, '--threads')
+    """
+    if threads:
+        return threads, "--threads"
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS"
+    cores = _physical_cores()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, cores - round(load)), f"auto: {cores} physical cores minus load {load:.2f}"
+
+
+def check_numbers(args) -> None:
+    "Numeric options, before anything is imported."
+    for name in ("epochs", "freeze_epochs", "size", "bs", "threads"):
+        v = getattr(args, name, None)
+        if name == "freeze_epochs" and v is not None and v < 0:
+            raise UsageError(f"--freeze-epochs must be >= 0, got {v}")
+        if name != "freeze_epochs" and v is not None and v < 1:
+            raise UsageError(f"--{name} must be positive, got {v}")
+    if hasattr(args, "bs") and args.bs < 2:
+        raise UsageError(f"--bs {args.bs}: the head's BatchNorm layers need at least 2 images per batch: "
+                         "use --bs 2 or more")
+    if hasattr(args, "size") and args.size < 2:
+        raise UsageError(f"--size {args.size}: fastai's Resize and augmentation need at least 2 pixels: "
+                         "use --size 32 or more")
+    if hasattr(args, "valid_pct") and not 0 < args.valid_pct < 1:
+        raise UsageError(f"--valid-pct must be between 0 and 1 (exclusive), got {args.valid_pct}")
+    if hasattr(args, "lr") and not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UsageError(f"--lr must be a positive finite number (default 2e-3), got {args.lr}")
+
+
+def check_data_arg(args) -> None:
+    "The data folder, given positionally or as --data (both: they must agree)."
+    if not hasattr(args, "data"):
+        return
+    if args.data is not None and args.path is not None and args.data.resolve() != args.path.resolve():
+        raise UsageError(f"two data folders given, {args.path} and --data {args.data}: give one")
+    args.path = args.path if args.path is not None else args.data
+    if args.path is not None and not args.path.exists():
+        raise UsageError(f"{args.path}: no such folder")
+
+
+def check_folder(args) -> None:
+    """The data folder's layout and image counts, before torch and fastai are imported: the batch checks of
+    `check_batches` from the counts (fastai's `RandomSplitter` puts `int(valid_pct * n)` images in valid)."""
+    from .data import check_image_folder, class_folders, is_image, product_sample
+    path = product_sample() if args.path is None else args.path
+    try:
+        args.folder_check = check_image_folder(path, warn=False)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        raise UsageError(str(e)) from None
+    bad = set(args.folder_check[1])
+    count = lambda d: sum(is_image(f) and f not in bad for c in class_folders(d) for f in c.iterdir())  # noqa: E731
+    if (path / "train").is_dir() and (path / "valid").is_dir():
+        n_train, n_valid = count(path / "train"), count(path / "valid")
+    else:
+        n = count(path)
+        n_valid = int(args.valid_pct * n)
+        n_train = n - n_valid
+    check_batches(n_train, n_valid, n_train // args.bs, args)  # fastai drops the last incomplete batch
+
+
+def check_batches(n_train: int, n_valid: int, n_batches: int, args) -> None:
+    "At least one full training batch and one validation image."
+    split = args.path is not None and (args.path / "train").is_dir() and (args.path / "valid").is_dir()
+    if n_valid == 0:
+        n = n_train + n_valid
+        fix = "put images into valid/" if split else \
+            f"use --valid-pct {math.ceil(100 / max(1, n)) / 100:g} or more"
+        raise UsageError(f"--valid-pct {args.valid_pct:g} leaves no validation image out of {n}: {fix}")
+    if n_train < 2:
+        raise UsageError(f"only {n_train} training image(s) (need at least 2): add images"
+                         + ("" if split else " or lower --valid-pct"))
+    if n_batches == 0:
+        raise UsageError(f"--bs {args.bs} is larger than the {n_train} training images (fastai drops the last "
+                         f"incomplete batch, so nothing would train): use --bs {n_train} or less")
+
+
+def check_size(learn, args) -> None:
+    "A forward of the model at `--size` on the meta device (no memory, no compute): too small a size is an error."
+    import torch
+
+    from .splitters import on_meta
+
+    def fits(size: int) -> Optional[Exception]:
+        try:
+            with on_meta(learn.model), torch.no_grad():
+                learn.model(torch.empty(2, 3, size, size, device="meta"))
+        except Exception as e:
+            return e
+        return None
+
+    err = fits(args.size)
+    if err is None:
+        return
+    sizes = (8, 16, 32, 64, 128, 224, 256, 299, 384, 512)
+    ok = next((s for s in sizes if fits(s) is None), None)
+    why = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    fix = f"use --size {ok}, the smallest of {', '.join(map(str, sizes))} it accepts" if ok else \
+        "pick a size the model accepts"
+    raise UsageError(f"--size {args.size} does not fit {args.arch} ({why.rstrip('.')}): {fix}")
+
+
+def epoch_log():
+    "A callback keeping every epoch's recorder values (fastai's Recorder forgets earlier fits) with its phase."
+    from fastai.callback.core import Callback
+
+    class EpochLog(Callback):
+        order = 51  # after the Recorder (50) has stored the epoch's values; learn.epoch_log
+        run_valid = False
+
+        def __init__(self):
+            self.rows, self.n_fits, self.new_fit, self.trained = [], 0, False, False
+
+        def before_fit(self):  # get_preds runs before_fit/after_epoch too, but never a training phase
+            self.new_fit = True
+
+        def after_train(self):
+            self.n_fits += self.new_fit
+            self.new_fit, self.trained = False, True
+
+        def after_epoch(self):
+            if not self.trained:
+                return
+            self.trained = False
+            rec = self.learn.recorder
+            vals = dict(zip(rec.metric_names[1:-1], rec.values[-1])) if rec.values else {}
+            n, frozen = len(self.opt.param_lists), self.opt.frozen_idx
+            phase = "unfrozen" if frozen == 0 else "frozen" if frozen >= n - 1 else \
+                f"partly frozen ({n - frozen} of {n} groups trainable)"
+            self.rows.append({"epoch": len(self.rows) + 1, "fit": self.n_fits - 1, "phase": phase,
+                              **{k: finite(v) for k, v in vals.items()}})
+
+    return EpochLog()
+
+
+def nan_stop():
+    "fastai's `TerminateOnNaNCallback`, remembering where the loss became NaN/inf and cancelling later fits too."
+    from fastai.callback.core import CancelFitException
+    from fastai.callback.tracker import TerminateOnNaNCallback
+
+    class NanStop(TerminateOnNaNCallback):  # learn.nan_stop
+        run_valid = False  # training losses only (get_preds(with_loss=True) gives one loss per item)
+
+        def __init__(self):
+            self.diverged = None  # the batch (1-based, within its epoch) whose loss was NaN or inf
+
+        def before_fit(self):
+            if self.diverged:
+                raise CancelFitException
+
+        def after_batch(self):
+            try:
+                super().after_batch()
+            except CancelFitException:
+                self.diverged = self.iter + 1
+                raise
+
+    return NanStop()
+
+
+def diverged(learn, lr: float) -> Optional[str]:
+    "The one-line message for a run that `NanStop` stopped, else None."
+    if not learn.nan_stop.diverged:
+        return None
+    epoch, batch = len(learn.epoch_log.rows) + 1, learn.nan_stop.diverged
+    return (f"the training loss became NaN or infinite in epoch {epoch} (batch {batch}): training stopped; "
+            f"lower --lr (was {lr:g}, default 2e-3)")
+
+
+def finite(x) -> Optional[float]:
+    "A float for results.json: None instead of NaN/inf (which JSON cannot hold)."
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
