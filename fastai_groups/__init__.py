@@ -9,7 +9,7 @@ from .summary import Row, arch_summary, get_module, instantiate, resolve_arch, s
 from .splitters import (GRANULARITIES, ParamGroups, Structure, auto_splitter, check_groups, checked, find_structure,
                         group_names)
 from .data import FASHION_CLASSES, check_image_folder, data_home, fashion_mnist, product_sample, read_idx
-from .weights import build_model, lite0_state_dict, load_state_dict, model_stats
+from .weights import build_model, lite0_state_dict, lite_state_dict, load_state_dict, model_stats
 from .distributed import DDPRewrap, cpu_distrib_ctx, patch_cpu_broadcast
 from .callbacks import GradualUnfreeze, GroupLogger, GroupLRFinder, freeze_state, group_lr_find, slice_ratios
 from .head import AdaptiveConcatPool2d, create_head
@@ -21,7 +21,7 @@ __all__ = ["Row", "arch_summary", "get_module", "instantiate", "resolve_arch", "
            "GRANULARITIES", "ParamGroups", "Structure", "auto_splitter", "check_groups", "checked", "find_structure",
            "group_names",
            "FASHION_CLASSES", "check_image_folder", "data_home", "fashion_mnist", "product_sample", "read_idx",
-           "build_model", "lite0_state_dict", "load_state_dict", "model_stats",
+           "build_model", "lite0_state_dict", "lite_state_dict", "load_state_dict", "model_stats",
            "DDPRewrap", "cpu_distrib_ctx", "patch_cpu_broadcast",
            "GradualUnfreeze", "GroupLogger", "GroupLRFinder", "freeze_state", "group_lr_find", "slice_ratios",
            "AdaptiveConcatPool2d", "create_head",
