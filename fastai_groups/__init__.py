@@ -15,6 +15,7 @@ from .callbacks import GradualUnfreeze, GroupLogger, GroupLRFinder, freeze_state
 from .head import AdaptiveConcatPool2d, create_head
 from .learner import ForwardBody, TimmBody, cnn_model, create_body, feature_shape, group_learner
 from .frozen import FastFrozenBody, FeatureCache, body_of, check_cacheable
+from .recipe import ReestimateNorms, fine_tune_groups, recipe_plan, reestimate_norm_stats
 
 __version__ = "0.1.0"
 __all__ = ["Row", "arch_summary", "get_module", "instantiate", "resolve_arch", "summary_rows", "unwrap_model",
@@ -26,4 +27,5 @@ __all__ = ["Row", "arch_summary", "get_module", "instantiate", "resolve_arch", "
            "GradualUnfreeze", "GroupLogger", "GroupLRFinder", "freeze_state", "group_lr_find", "slice_ratios",
            "AdaptiveConcatPool2d", "create_head",
            "ForwardBody", "TimmBody", "cnn_model", "create_body", "feature_shape", "group_learner",
-           "FastFrozenBody", "FeatureCache", "body_of", "check_cacheable"]
+           "FastFrozenBody", "FeatureCache", "body_of", "check_cacheable",
+           "ReestimateNorms", "fine_tune_groups", "recipe_plan", "reestimate_norm_stats"]

@@ -1044,3 +1044,8 @@ def group_learner(dls, arch: Any, n_out: Optional[int] = None, pretrained: bool 
     learn.arch, learn.n_out, learn.pretrained, learn.normalize, learn.stats = arch, n_out, use_weights, normalize, \
         stats
     return learn
+
+
+from .recipe import fine_tune_groups as _fine_tune_groups  # noqa: E402  (recipe.py needs nothing from here)
+
+GroupLearner.fine_tune_groups = _fine_tune_groups
