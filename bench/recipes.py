@@ -49,26 +49,40 @@ VARIANTS = {
     "head 4, never unfreeze, re-estimated": dict(head=4, unf=0, re=True),
     "head 4, never unfreeze, train_bn=True": dict(train_bn=True, head=4, unf=0),
     "head 8, never unfreeze, frozen stats": dict(head=8, unf=0, re=False),
-    "head 6 + unfrozen 1, frozen stats": dict(head=6, unf=1, re=False),
-    "head 5 + unfrozen 1, re-estimated": dict(head=5, unf=1, re=True),
-    "head 3 + unfrozen 2, re-estimated": dict(head=3, unf=2, re=True),
+    "head 6 + unfrozen 1, frozen stats": dict(head=6, unf=1, re=False, keep=False),
+    "head 6 + unfrozen 1, stats kept frozen when unfrozen": dict(head=6, unf=1, re=False, keep=True),
+    "head 5 + unfrozen 1, re-estimated": dict(head=5, unf=1, re=True, keep=False),
+    "head 3 + unfrozen 2, re-estimated": dict(head=3, unf=2, re=True, keep=False),
     # axes measured on the sample only (compute), against "head 5 + unfrozen 1, re-estimated"
     "head 7, never unfreeze, re-estimated": dict(head=7, unf=0, re=True),
-    "head 5 + unfrozen 1, re-estimated, lr_mult 10": dict(head=5, unf=1, re=True, lr_mult=10),
-    "head 5 + unfrozen 1, re-estimated, block groups": dict(head=5, unf=1, re=True, granularity="block"),
-    "head 5 + unfrozen 1, re-estimated, base_lr 1e-3": dict(head=5, unf=1, re=True, lr=1e-3),
-    "head 5 + unfrozen 1, re-estimated, base_lr 5e-3": dict(head=5, unf=1, re=True, lr=5e-3),
+    "head 5 + unfrozen 1, re-estimated, lr_mult 10": dict(head=5, unf=1, re=True, keep=False, lr_mult=10),
+    "head 5 + unfrozen 1, re-estimated, block groups": dict(head=5, unf=1, re=True, keep=False, granularity="block"),
+    "head 5 + unfrozen 1, re-estimated, base_lr 1e-3": dict(head=5, unf=1, re=True, keep=False, lr=1e-3),
+    "head 5 + unfrozen 1, re-estimated, base_lr 5e-3": dict(head=5, unf=1, re=True, keep=False, lr=5e-3),
     "head 3 + unfrozen 1, train_bn=True": dict(train_bn=True, head=3, unf=1),
     "fine_tune_groups(3)": dict(),
 }
 PICK = "fine_tune_groups(3)"
-CORE = tuple(list(VARIANTS)[:8])
-AXES = tuple(list(VARIANTS)[8:-1])
+
+
+def pick_variant() -> str:
+    """The variant the confirmation runs: the screening variant whose options are exactly `fine_tune_groups(3)`'s
+    defaults (so its screening runs are reused, same seeds), else `PICK` itself."""
+    from fastai_groups.recipe import recipe_plan
+    plan = recipe_plan(EPOCHS, fast=True)
+    for v, o in VARIANTS.items():
+        if o.get("kind", "recipe") == "recipe" and not o.get("train_bn") and o.get("lr", LR) == LR and \
+                o.get("granularity", "stage") == "stage" and "head" in o and plan["unfrozen_epochs"] == 0 and \
+                (o["head"], o.get("unf"), bool(o.get("re"))) == (plan["head_epochs"], 0, plan["reestimate"]):
+            return v
+    return PICK
+CORE = tuple(list(VARIANTS)[:9])
+AXES = tuple(list(VARIANTS)[9:-1])
 SCREEN = [("sample", 64, "tf_efficientnet_lite0"), ("fmnist50", 64, "tf_efficientnet_lite0")]
 SCREEN_SEEDS = (0, 1)
 CONFIRM = [("sample", 64, "tf_efficientnet_lite0"), ("fmnist50", 64, "tf_efficientnet_lite0"),
-           ("fmnist200", 64, "tf_efficientnet_lite0"), ("sample", 64, "tf_efficientnet_lite1"),
-           ("fmnist50", 64, "tf_efficientnet_lite1"), ("sample", 128, "tf_efficientnet_lite0")]
+           ("sample", 64, "tf_efficientnet_lite1"), ("fmnist50", 64, "tf_efficientnet_lite1"),
+           ("fmnist200", 64, "tf_efficientnet_lite0"), ("sample", 128, "tf_efficientnet_lite0")]
 CONFIRM_SEEDS = (0, 1, 2)
 QUICK = dict(screen=[("sample", 32, "tf_efficientnet_lite0")], confirm=[], seeds=(0,), n_train=64,
              variants=("fastai fine_tune(3)", "head 4, never unfreeze, re-estimated", "fine_tune_groups(3)"))
@@ -172,9 +186,11 @@ def one_run(variant: str, data: str, size: int, arch: str, seed: int, n_train: O
             plan, head_fit = "fine_tune(3): frozen 1 + unfrozen 3", 0
         else:
             p = fine_tune_groups(learn, EPOCHS, lr, head_epochs=opt.get("head"), unfrozen_epochs=opt.get("unf"),
-                                 lr_mult=opt.get("lr_mult", 100), reestimate=opt.get("re"))
+                                 lr_mult=opt.get("lr_mult", 100), reestimate=opt.get("re"),
+                                 keep_norm_stats=opt.get("keep"))
             plan = (f"{'re-estimate + ' if p['reestimate'] else ''}head {p['head_epochs']}"
-                    f"{' (cached)' if p['cached'] else ''} + unfrozen {p['unfrozen_epochs']}, lr {lr:g}, "
+                    f"{' (cached)' if p['cached'] else ''} + unfrozen {p['unfrozen_epochs']}"
+                    f"{' (norm stats kept)' if p.get('keep_norm_stats') else ''}, lr {lr:g}, "
                     f"lr_mult {opt.get('lr_mult', 100)}")
             head_fit = 1 if p["reestimate"] else 0
     seconds, cpu = time.perf_counter() - t, time.process_time() - c
@@ -278,22 +294,24 @@ def confirm_table(rows, settings, seeds) -> tuple[list[str], list]:
     out, figs = [], []
     for s in settings:
         fa = [float(r["acc"]) for r in _select(rows, *s, "fastai fine_tune(3)", seeds)]
-        ours = [float(r["acc"]) for r in _select(rows, *s, PICK, seeds)]
-        bn = [float(r["acc"]) for r in _select(rows, *s, "fine_tune_groups(3), train_bn=True", seeds)]
+        pick = pick_variant()
+        ours = [float(r["acc"]) for r in _select(rows, *s, pick, seeds)]
+        bn = [float(r["acc"]) for r in _select(rows, *s, "head 4, never unfreeze, train_bn=True", seeds)]
         if not fa or not ours:
             continue
         (fm, fs), (om, os_) = mean_std(fa), mean_std(ours)
-        rat = median(_ratios(rows, *s, PICK, seeds))
-        plan = _select(rows, *s, PICK, seeds)[0]["plan"]
+        rat = median(_ratios(rows, *s, pick, seeds))
+        wall = median(_ratios(rows, *s, pick, seeds, col="seconds"))
+        plan = _select(rows, *s, pick, seeds)[0]["plan"]
         out.append([f"{s[0]} {s[1]}px", s[2].replace("tf_efficientnet_", ""), f"{_pm(fa)} (n={len(fa)})",
-                    f"{_pm(ours)} (n={len(ours)})", f"{(om - fm) * 100:+.1f}", f"{rat:.2f}",
+                    f"{_pm(ours)} (n={len(ours)})", f"{(om - fm) * 100:+.1f}", f"{rat:.2f} ({wall:.2f})",
                     "yes" if om >= fm - fs else "**no**", f"{_pm(bn)} (n={len(bn)})" if bn else "-", plan])
         figs.append(Figure(f"fine_tune_groups(3) vs fastai fine_tune(3), {s[0]} {s[1]}px {s[2]}",
                            f"{om * 100:.1f} ± {os_ * 100:.1f}%", f"{fm * 100:.1f} ± {fs * 100:.1f}%",
                            f"{(om - fm) * 100:+.1f} points, {rat:.2f}x time", ">= fastai - 1 std, time <= 1",
                            bool(om >= fm - fs and rat <= 1.0)))
     return md_table(["data", "arch", "fastai fine_tune(3) acc %", "fine_tune_groups(3) acc %", "gain (points)",
-                     "time / fastai (median)", ">= fastai - 1 std", "fine_tune_groups(3), train_bn=True acc %",
+                     "time / fastai, CPU (wall)", ">= fastai - 1 std", "same, train_bn=True (head 4) acc %",
                      "plan that ran"], out), figs
 
 
@@ -340,7 +358,7 @@ def study(ctx: Context, path: Path = RESULTS, stages=("screening", "confirmation
     if "confirmation" in stages:
         for s in CONFIRM:
             for seed in CONFIRM_SEEDS:
-                for v in ("fastai fine_tune(3)", PICK):
+                for v in ("fastai fine_tune(3)", pick_variant()):
                     if ctx.time_left() < 0:
                         log("  [confirmation] out of time budget: stopping (rerun to resume)")
                         return rows
@@ -370,9 +388,30 @@ def report(rows, quick: bool = False) -> Section:
 
 def run(ctx: Context) -> Section:
     import torch
-    path = RESULTS if not ctx.quick else RESULTS.with_name("recipes_quick.csv")
+    import tempfile
+    path = RESULTS if not ctx.quick else Path(tempfile.gettempdir()) / "fastai_groups_recipes_quick.csv"
     if ctx.quick and path.exists():
         path.unlink()
     log(f"  torch threads: {torch.get_num_threads()}; results in {path}")
     rows = study(ctx, path)
     return report(rows, ctx.quick)
+
+
+def write_section(md: Path = Path("BENCHMARKS.md"), path: Path = RESULTS) -> None:
+    """Regenerate this section of `md` from the CSV alone (nothing is trained): the part from its `## recipes:`
+    heading to the next `## ` heading is replaced, or appended when absent; the rest of the file is kept."""
+    sec = report(load_results(path))
+    block = [f"## recipes: {sec.title}", "", *sec.lines, ""]
+    lines = md.read_text().splitlines() if md.exists() else []
+    start = next((i for i, l in enumerate(lines) if l.startswith("## recipes:")), None)
+    if start is None:
+        lines += ["", *block]
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = block
+    md.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
+if __name__ == "__main__":   # python -m bench.recipes [BENCHMARKS.md]: the tables from bench/results/recipes.csv
+    import sys
+    write_section(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("BENCHMARKS.md"))

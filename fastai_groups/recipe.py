@@ -1,15 +1,19 @@
 """The fine-tuning recipe picked by the study in `bench/recipes.py` (tables in BENCHMARKS.md): `fine_tune_groups`.
 
 `fine_tune_groups(learn, epochs, base_lr)` spends the budget of fastai's `fine_tune(epochs)` (1 frozen + `epochs`
-unfrozen passes with autograd through the whole body) differently:
+unfrozen passes with autograd through the whole body) on what the study found most accurate: a long head phase on
+the frozen body. By default (the study's pick, `train_bn=False`): `2 * (epochs + 1)` head epochs on the fast frozen
+body, whose norm layers keep their pretrained statistics, and the body is never unfrozen. Options, each measured
+in the study:
 
-1. **norm re-estimation** ("AdaBN", only on the fast path): the body's BatchNorm running statistics are reset and
+1. **norm re-estimation** (`reestimate=True`, "AdaBN"): the body's BatchNorm running statistics are reset and
    re-computed in one forward pass over the training data, without gradients (`reestimate_norm_stats`);
 2. **head phase**: `fit_one_cycle(head_epochs, base_lr)` with the body frozen, on the fast frozen body
    (`train_bn=False`: no autograd through the body, about a third of a training pass per epoch) or on the feature
    cache when the training data are deterministic (`check_cacheable`);
-3. **unfrozen phase** (`unfrozen_epochs`, may be 0): `unfreeze()`, then `fit_one_cycle` at
-   `slice(base_lr / 2 / lr_mult, base_lr / 2)` spread over the groups (fastai's `fine_tune` rule).
+3. **unfrozen phase** (`unfrozen_epochs=N`, default 0): `unfreeze()`, then `fit_one_cycle` at
+   `slice(base_lr / 2 / lr_mult, base_lr / 2)` spread over the groups (fastai's `fine_tune` rule), the norm layers
+   kept in inference mode on the fast path (`keep_norm_stats`: unfreezing then does not shift the head's features).
 
 Each phase is its own fit, so the `GroupLogger` history and plot show them in turn (`fit` column): the
 re-estimation fit has every group frozen and no optimizer step, then the head phase, then the unfrozen phase.
@@ -30,13 +34,15 @@ from torch import nn
 
 from .frozen import FastFrozenBody, FeatureCache, body_of, check_cacheable, norm_layers
 
-__all__ = ["fine_tune_groups", "recipe_plan", "reestimate_norm_stats", "ReestimateNorms", "FORWARD_COST"]
+__all__ = ["fine_tune_groups", "recipe_plan", "reestimate_norm_stats", "ReestimateNorms", "KeepNormStats",
+           "FORWARD_COST"]
 
 #: Cost of a forward-only epoch (fast frozen body, re-estimation) counted against the budget, in training passes
 #: (forward + backward through the body). Conservative: measured 0.30-0.35 on tf_efficientnet_lite0 on CPU.
 FORWARD_COST = 0.5
-#: Unfrozen epochs of the default recipe (the rest of the budget goes to the head phase); see `recipe_plan`.
-DEFAULT_UNFROZEN = 1
+#: Unfrozen epochs of the default recipe (the rest of the budget goes to the head phase); see `recipe_plan`. The study
+#: (BENCHMARKS.md, `recipes`) found unfreezing within fastai's budget lost accuracy against a longer head phase.
+DEFAULT_UNFROZEN = 0
 #: Default `base_lr` of the recipe (picked by the study).
 DEFAULT_LR = 2e-3
 
@@ -129,6 +135,17 @@ class ReestimateNorms(Callback):
         if self._pass is not None:
             self._pass.__exit__(None, None, None)
             self._pass = None
+
+
+class KeepNormStats(Callback):
+    """Keep the body's norm layers in inference mode while it trains (their affine weights still train; their
+    running statistics neither move nor are replaced by batch statistics), so unfreezing does not change the
+    features the head was trained on. Example: `learn.fit_one_cycle(1, slice(1e-5, 1e-3), cbs=KeepNormStats())`."""
+    order = FastFrozenBody.order + 1
+
+    def before_train(self):
+        for m in _running_norms(body_of(self.learn.model)):
+            m.eval()
 
 
 def reestimate_norm_stats(learn_or_model: Any, dl=None, max_batches: Optional[int] = None) -> int:
@@ -227,19 +244,21 @@ def recipe_plan(epochs: int, fast: bool, head_epochs: Optional[int] = None,
     costs `epochs + 1`: its frozen epoch back-propagates through the body for the BatchNorms, `train_bn=True`).
 
     `fast`: the head phase runs on the fast frozen body (`train_bn=False`): a head epoch and the re-estimation pass
-    each cost `FORWARD_COST` (a forward without autograd). Otherwise (`train_bn=True`) a head epoch costs a pass and
-    there is no re-estimation (the norm layers train). Defaults: `DEFAULT_UNFROZEN` unfrozen epochs (fewer when
-    `epochs` is small), and as many head epochs as the rest of the budget pays for.
+    each cost `FORWARD_COST` (a forward without autograd). Otherwise (`train_bn=True`) a head epoch costs a pass.
+    Defaults: no re-estimation, `DEFAULT_UNFROZEN` unfrozen epochs (fewer when `epochs` is small), and as many head
+    epochs as the rest of the budget pays for.
 
     >>> recipe_plan(3, fast=True)
+    {'reestimate': False, 'head_epochs': 8, 'unfrozen_epochs': 0, 'passes': 4.0, 'budget': 4}
+    >>> recipe_plan(3, fast=True, unfrozen_epochs=1, reestimate=True)
     {'reestimate': True, 'head_epochs': 5, 'unfrozen_epochs': 1, 'passes': 4.0, 'budget': 4}
     >>> recipe_plan(3, fast=False)
-    {'reestimate': False, 'head_epochs': 3, 'unfrozen_epochs': 1, 'passes': 4.0, 'budget': 4}
+    {'reestimate': False, 'head_epochs': 4, 'unfrozen_epochs': 0, 'passes': 4.0, 'budget': 4}
     """
     epochs = _int("epochs", epochs, 1)
     budget = epochs + 1
     U = min(DEFAULT_UNFROZEN, epochs - 1) if unfrozen_epochs is None else _int("unfrozen_epochs", unfrozen_epochs, 0)
-    R = bool(fast) if reestimate is None else bool(reestimate)
+    R = False if reestimate is None else bool(reestimate)
     cost = FORWARD_COST if fast else 1.0
     if head_epochs is None:
         H = max(1, int((budget - U - R * FORWARD_COST) / cost + 1e-9))
@@ -275,16 +294,19 @@ def _head_phase_cbs(learn, fast: bool, cache: Optional[bool]) -> tuple[list, lis
 
 def fine_tune_groups(learn: Learner, epochs: int, base_lr: float = DEFAULT_LR, head_epochs: Optional[int] = None,
                      unfrozen_epochs: Optional[int] = None, lr_mult: float = 100, reestimate: Optional[bool] = None,
-                     cache: Optional[bool] = None, **kwargs) -> dict:
-    """Fine-tune with the library's recipe, within the budget of fastai's `fine_tune(epochs)`: re-estimate the
-    body's norm statistics (fast path only), train the head long on the frozen body, then `unfrozen_epochs` with
-    discriminative learning rates over the groups (see the module docstring and `recipe_plan`). Picked by the study
-    in `bench/recipes.py` (BENCHMARKS.md, "recipes").
+                     cache: Optional[bool] = None, keep_norm_stats: Optional[bool] = None, **kwargs) -> dict:
+    """Fine-tune with the library's recipe, within the budget of fastai's `fine_tune(epochs)`: train the head long
+    on the frozen body (by default `2 * (epochs + 1)` epochs on the fast frozen body, never unfrozen), optionally
+    after re-estimating the body's norm statistics and followed by `unfrozen_epochs` with discriminative learning
+    rates over the groups (see the module docstring and `recipe_plan`). Picked by the study in `bench/recipes.py`
+    (BENCHMARKS.md, "recipes").
 
     - `epochs`: the budget, as in `fine_tune(epochs)`: at most `epochs + 1` training passes (`recipe_plan`).
     - `base_lr`: the head phase's peak lr; the unfrozen phase peaks at `base_lr / 2` on the head and
       `base_lr / 2 / lr_mult` on the first group (fastai's rule).
     - `head_epochs`, `unfrozen_epochs`, `reestimate`: override the plan (then the budget is yours).
+    - `keep_norm_stats`: in the unfrozen phase keep the body's norm layers in inference mode (`KeepNormStats`);
+      default: on the fast path (`train_bn=False`).
     - `cache`: use the `FeatureCache` in the head phase; default: when the training data are deterministic
       (`check_cacheable`) and the body runs on the fast path. With random augmentation the fast frozen body is used.
     - `train_bn` (of the learner) either way: with `train_bn=True` the frozen body's BatchNorms train in the head
@@ -295,7 +317,7 @@ def fine_tune_groups(learn: Learner, epochs: int, base_lr: float = DEFAULT_LR, h
 
     >>> learn = group_learner(dls, "timm:tf_efficientnet_lite0", train_bn=False, metrics=accuracy)  # doctest: +SKIP
     >>> learn.fine_tune_groups(3)  # doctest: +SKIP
-    {'reestimate': True, 'head_epochs': 5, 'unfrozen_epochs': 1, 'passes': 4.0, 'budget': 4, 'cached': False}
+    {'reestimate': False, 'head_epochs': 8, 'unfrozen_epochs': 0, 'passes': 4.0, 'budget': 4, 'cached': False}
     """
     epochs = _int("epochs", epochs, 1)
     base_lr = _positive("base_lr", base_lr)
@@ -318,5 +340,8 @@ def fine_tune_groups(learn: Learner, epochs: int, base_lr: float = DEFAULT_LR, h
     if plan["unfrozen_epochs"]:
         learn.unfreeze()
         lr = base_lr / 2
-        learn.fit_one_cycle(plan["unfrozen_epochs"], slice(lr / lr_mult, lr), pct_start=0.3, div=5.0, **kwargs)
+        keep = fast if keep_norm_stats is None else bool(keep_norm_stats)
+        plan["keep_norm_stats"] = keep
+        with learn.added_cbs([KeepNormStats()] if keep else []):
+            learn.fit_one_cycle(plan["unfrozen_epochs"], slice(lr / lr_mult, lr), pct_start=0.3, div=5.0, **kwargs)
     return plan

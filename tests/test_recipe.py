@@ -66,17 +66,14 @@ def test_runs_and_logs_every_phase(image_folder, aug, train_bn, capsys):
     learn = make_learn(image_folder, aug, train_bn)
     before = [p.detach().clone() for p in learn.model[0].parameters()]
     with learn.no_bar(), learn.no_logging():
-        plan = learn.fine_tune_groups(2)
+        plan = learn.fine_tune_groups(2, unfrozen_epochs=1, reestimate=True)
     assert plan == learn.recipe_plan and plan["cached"] == (not aug and not train_bn)
     body, head = fits_states(learn)
-    if train_bn:        # fastai's meaning: the frozen body's BatchNorms train in the head phase; no re-estimation
-        assert not plan["reestimate"] and sorted(body) == [0, 1]
-        assert body[0] == {"partial"} and head[0] == {"trainable"}
-    else:               # fit 0: re-estimation (everything frozen, no step), fit 1: head, then unfrozen
-        assert plan["reestimate"] and sorted(body) == [0, 1, 2]
-        assert body[0] == {"frozen"} and head[0] == {"frozen"}
-        assert body[1] == {"frozen"} and head[1] == {"trainable"}
-    assert body[max(body)] == {"trainable"}
+    assert sorted(body) == [0, 1, 2]          # fit 0: re-estimation (everything frozen, no step), 1: head, 2: unfrozen
+    assert body[0] == {"frozen"} and head[0] == {"frozen"}
+    # the head phase: with train_bn=True the frozen body's BatchNorms train (fastai's meaning)
+    assert body[1] == ({"partial"} if train_bn else {"frozen"}) and head[1] == {"trainable"}
+    assert body[2] == {"trainable"}
     assert learn.group_logger.history.groupby("fit")["epoch"].max().tolist()[-2:] == \
         [plan["head_epochs"] - 1, plan["unfrozen_epochs"] - 1]
     after = list(learn.model[0].parameters())
@@ -87,33 +84,60 @@ def test_runs_and_logs_every_phase(image_folder, aug, train_bn, capsys):
 
 
 @pytest.mark.parametrize("train_bn", [False, True])
+def test_defaults_train_the_head_long_and_never_unfreeze(image_folder, train_bn):
+    learn = make_learn(image_folder, aug=True, train_bn=train_bn)
+    with learn.no_bar(), learn.no_logging():
+        plan = learn.fine_tune_groups(2)
+    assert (plan["reestimate"], plan["unfrozen_epochs"]) == (False, 0)
+    assert plan["head_epochs"] == (3 if train_bn else 6)       # 2 * (epochs + 1) on the fast path
+    body, head = fits_states(learn)
+    assert list(body) == [0] and body[0] == ({"partial"} if train_bn else {"frozen"}) and head[0] == {"trainable"}
+    assert learn.group_logger.history["epoch"].max() == plan["head_epochs"] - 1
+
+
+def test_unfrozen_phase_keeps_norm_statistics_on_the_fast_path(image_folder):
+    stats = {}
+    for keep in (True, False):
+        learn = make_learn(image_folder, aug=True)
+        learn.freeze()
+        bns = [m for m in learn.model[0].modules() if isinstance(m, nn.BatchNorm2d)]
+        start = [m.running_mean.clone() for m in bns]
+        conv = learn.model[0][0][0].weight.detach().clone()
+        with learn.no_bar(), learn.no_logging():
+            plan = learn.fine_tune_groups(1, unfrozen_epochs=1, keep_norm_stats=keep)
+        assert plan["keep_norm_stats"] is keep and not torch.equal(conv, learn.model[0][0][0].weight)
+        stats[keep] = all(torch.equal(a, m.running_mean) for a, m in zip(start, bns))
+    assert stats == {True: True, False: False}
+
+
+@pytest.mark.parametrize("train_bn", [False, True])
 def test_budget_in_passes_is_within_fastai_fine_tune(image_folder, train_bn):
     "Structurally: ours makes at most fastai's number of training passes, forward-only passes counted at FORWARD_COST."
     theirs = make_learn(image_folder, aug=True, train_bn=True)
     count = BodyPasses(theirs)
     with theirs.no_bar(), theirs.no_logging():
-        theirs.fine_tune(2)
+        theirs.fine_tune(1)
     n = len(theirs.dls.train)
-    assert (count.grad, count.no_grad) == (3 * n, 0)        # fastai: 1 frozen + 2 unfrozen passes with autograd
+    assert (count.grad, count.no_grad) == (2 * n, 0)        # fastai: 1 frozen + 1 unfrozen pass with autograd
 
-    ours = make_learn(image_folder, aug=True, train_bn=train_bn)
-    count = BodyPasses(ours)
-    with ours.no_bar(), ours.no_logging():
-        plan = ours.fine_tune_groups(2)
-    grad, fwd = count.grad / n, count.no_grad / n
-    if train_bn:
-        assert (grad, fwd) == (plan["head_epochs"] + plan["unfrozen_epochs"], 0)
-    else:
-        assert (grad, fwd) == (plan["unfrozen_epochs"], plan["head_epochs"] + 1)
-    assert grad + FORWARD_COST * fwd <= 3 and plan["passes"] <= plan["budget"] == 3
-    assert plan["head_epochs"] > 1                           # the budget saved goes to the head
+    for kwargs in ({}, {"unfrozen_epochs": 1, "reestimate": True, "head_epochs": 1}):
+        ours = make_learn(image_folder, aug=True, train_bn=train_bn)
+        count = BodyPasses(ours)
+        with ours.no_bar(), ours.no_logging():
+            plan = ours.fine_tune_groups(1, **kwargs)
+        grad, fwd = count.grad / n, count.no_grad / n
+        if train_bn:    # frozen epochs back-propagate through the body (its BatchNorms train)
+            assert (grad, fwd) == (plan["head_epochs"] + plan["unfrozen_epochs"], plan["reestimate"])
+        else:
+            assert (grad, fwd) == (plan["unfrozen_epochs"], plan["head_epochs"] + plan["reestimate"])
+        assert grad + FORWARD_COST * fwd <= 2 and plan["passes"] <= plan["budget"] == 2
 
 
 def test_epochs_one_never_unfreezes(image_folder):
     learn = make_learn(image_folder)
     with learn.no_bar(), learn.no_logging():
         plan = fine_tune_groups(learn, 1)
-    assert plan["unfrozen_epochs"] == 0 and plan["head_epochs"] >= 2
+    assert plan["unfrozen_epochs"] == 0 and plan["head_epochs"] == 4
     assert not any(p.requires_grad for p in learn.model[0].parameters())     # the body stays frozen
 
 
@@ -193,8 +217,9 @@ def test_cache_refusals_are_one_line(image_folder):
 
 
 def test_plan_and_fastai_fine_tune_keeps_its_meaning():
-    assert recipe_plan(3, fast=True) == {"reestimate": True, "head_epochs": 5, "unfrozen_epochs": 1, "passes": 4.0,
+    assert recipe_plan(3, fast=True) == {"reestimate": False, "head_epochs": 8, "unfrozen_epochs": 0, "passes": 4.0,
                                          "budget": 4}
+    assert recipe_plan(3, fast=True, unfrozen_epochs=1, reestimate=True)["head_epochs"] == 5
     assert recipe_plan(3, fast=False)["head_epochs"] + recipe_plan(3, fast=False)["unfrozen_epochs"] == 4
     for e in range(1, 8):
         for fast in (True, False):
