@@ -197,10 +197,12 @@ def cmd_finetune(args) -> None:
         schedule = (f"`fine_tune_groups({p['budget'] - 1}, base_lr={args.lr})` (the budget of `fine_tune` with "
                     f"{args.freeze_epochs} frozen + {args.epochs} epochs; `train_bn=False`): "
                     f"{'norm statistics re-estimated, then ' if p['reestimate'] else ''}{p['head_epochs']} head epochs "
-                    f"on the frozen body{' (feature cache)' if p['cached'] else ''}, then {p['unfrozen_epochs']} "
-                    "unfrozen epoch(s) at `slice(lr/200, lr/2)`. This recipe ran because the study in BENCHMARKS.md "
-                    "(section `recipes`, `python -m bench recipes`) found it more accurate than fastai's `fine_tune` "
-                    "at no more time on every dataset and architecture tried; `--schedule fine_tune` runs fastai's.")
+                    f"on the frozen body{' (feature cache)' if p['cached'] else ''}, "
+                    + (f"then {p['unfrozen_epochs']} unfrozen epoch(s) at `slice(lr/200, lr/2)`. "
+                       if p["unfrozen_epochs"] else "the body never unfrozen. ")
+                    + "This recipe ran because the study in BENCHMARKS.md (section `recipes`, `python -m bench "
+                    "recipes`) measured it more accurate than fastai's `fine_tune` at less time on every dataset and "
+                    "architecture it covers; `--schedule fine_tune` runs fastai's.")
     elif args.freeze_epochs and args.schedule != "fine_tune":
         schedule = f"schedule `{args.schedule}` (see `fastai-groups compare`), {n_epochs} epochs in all."
     elif args.freeze_epochs:

@@ -23,7 +23,8 @@ from torch import nn
 
 from .summary import _accepts, instantiate, resolve_arch, unwrap_model
 
-__all__ = ["LITE0_ARCH", "LITE_ARCHS", "lite_state_dict", "lite0_state_dict", "load_state_dict", "build_model", "model_stats"]
+__all__ = ["LITE0_ARCH", "LITE_ARCHS", "lite_state_dict", "lite0_state_dict", "load_state_dict", "build_model",
+           "model_stats"]
 
 PathLike = Union[str, os.PathLike]
 Stats = dict[str, tuple[float, ...]]
