@@ -4,7 +4,7 @@ Sections (see each module's docstring for what exactly is compared): `splitter`,
 `frozen`, `gpu`, `recipes`. They run in the order splitter, summary, logger, frozen, gpu, lite0, recipes (lite0 late:
 its optional full Fashion-MNIST runs use whatever remains of the time budget; `recipes`, the fine-tuning recipe
 study, resumes from `bench/results/recipes.csv`) and are reported in the order above. `python -m bench recipes`
-(positional names) is the same as `--only recipes`. A section
+(positional names) is the same as `--only recipes`; `recipes` runs only when named. A section
 that fails is reported with its error and the others still run; the exit status is 1 then.
 
 `--quick`: tiny settings (smoke test, under 2 minutes). Default settings are sized to finish in under 15 minutes
@@ -24,6 +24,7 @@ from . import common
 from .common import SECTIONS, Context, Section, error_line, log, md_table
 
 RUN_ORDER = ("splitter", "summary", "logger", "frozen", "gpu", "lite0", "recipes")
+ON_REQUEST = ("recipes",)   # the recipe study (about an hour on 2 busy cores) runs only when named
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [s for s in only if s not in SECTIONS]
     if unknown:
         p.error(f"unknown section(s) {', '.join(unknown)}; choose among {', '.join(SECTIONS)}")
-    args.sections = [s for s in RUN_ORDER if not only or s in only]
+    args.sections = [s for s in RUN_ORDER if s in only or (not only and s not in ON_REQUEST)]
     return args
 
 
