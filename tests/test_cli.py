@@ -95,8 +95,9 @@ def test_finetune_writes_every_artefact(photos, tmp_path):
         assert (out / f).stat().st_size > 0, f
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["run"]  # no staging folder left
     log = pd.read_csv(out / "group_log.csv")
-    assert set(log["fit"]) == {0, 1} and log["name"].iloc[-1] == "head"
     report = (out / "report.md").read_text()
+    assert "`fine_tune_groups(1, base_lr=0.002)`" in report and "BENCHMARKS.md" in report   # the recipe ran
+    assert set(log["fit"]) == set(range(log["fit"].nunique())) and log["name"].iloc[-1] == "head"
     for section in ("## Data", "## Model", "## Groups", "## Schedule", "## Results", "## Timings"):
         assert section in report
     # every epoch, the frozen one too, with its phase; threads and load; no absolute path
@@ -241,11 +242,11 @@ def test_pick_threads(monkeypatch):
 
 def test_compare_table(photos, tmp_path):
     out = tmp_path / "cmp"
-    r = run("compare", photos, "--schedules", "fine_tune,two_groups,gradual,unfrozen", "--epochs", 1,
+    r = run("compare", photos, "--schedules", "fine_tune,two_groups,gradual,unfrozen,fine_tune_groups", "--epochs", 1,
             "--freeze-epochs", 1, "--size", 32, "--bs", 8, "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]
     table = pd.read_csv(out / "compare.csv")
-    assert list(table["schedule"]) == ["fine_tune", "two_groups", "gradual", "unfrozen"]
+    assert list(table["schedule"]) == ["fine_tune", "two_groups", "gradual", "unfrozen", "fine_tune_groups"]
     assert (table.set_index("schedule").loc["two_groups", "groups"] == 2)
     assert (table["groups"] >= 2).all() and table["accuracy"].between(0, 1).all()
     assert (out / "compare.png").stat().st_size > 0 and "| schedule" in (out / "compare.md").read_text()

@@ -345,3 +345,23 @@ def test_model_stats():
     assert model_stats(torchvision.models.resnet18()) == IMAGENET
     with torch.device("meta"):
         assert model_stats(timm.create_model("tf_efficientnet_lite0")) == HALF
+
+
+@pytest.mark.parametrize("n, size", [(1, 240), (2, 260)])
+def test_lite1_lite2_packages_map_onto_timm_and_recognise_a_photo(n, size):
+    "The liteN package's tensors, in order, are timm's tf_efficientnet_liteN: a real photo is recognised."
+    from matplotlib.cbook import get_sample_data
+    from PIL import Image
+    from fastai_groups.weights import lite_state_dict
+    sd = lite_state_dict(n)
+    model = timm.create_model(f"tf_efficientnet_lite{n}")
+    result = model.load_state_dict(sd)
+    assert not result.missing_keys and not result.unexpected_keys
+    with Image.open(get_sample_data("grace_hopper.jpg")) as im:     # Grace Hopper in uniform
+        img = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
+    x = (torch.from_numpy(img).permute(2, 0, 1).float()[None] / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        probs = model.eval()(x).softmax(-1)[0]
+    assert probs.argmax().item() == 652 and probs.max() > 0.15       # ImageNet class 652: military uniform
+    with pytest.raises(ValueError, match=r"n must be one of 0, 1, 2"):
+        lite_state_dict(3)
