@@ -138,7 +138,8 @@ def test_finetune_writes_every_artefact(photos, tmp_path):
     for line in p.stdout:  # the freeze table is printed when training starts, epoch 0's row when it ends
         started = started or "GroupLogger: fit 0" in line  # (it may follow a progress bar on the same line)
         if started and re.match(r"\s*0\s+[\d.]+\s", line.split("\r")[-1]):
-            break                                          # an epoch is done: its log rows are on disk
+            break                                          # an epoch is done: its log rows follow at once
+    time.sleep(1)
     err = _interrupt(p)
     assert p.returncode == 130 and "Traceback" not in err, err
     partial = [d.name for d in (tmp_path / "runs").iterdir() if d.name.startswith("run.partial-")]
