@@ -5,52 +5,41 @@
   long DataFrame (`learn.group_logger.history`), an optional CSV file written as training goes, a table printed at
   the start of each fit, and a plot.
 - `GradualUnfreeze`: ULMFiT-style schedule that unfreezes one more group (head backwards) every few epochs.
-- `group_lr_find`: fastai's learning-rate finder where every group follows the ratios of `slice(lr/lr_mult, lr)`.
+- `notify_freeze_change(learn)`: how callbacks tell each other that the freeze state changed.
+
+Order (fastai 2.8 sorts callbacks by `order` alone: there is no `run_after`/`run_before`): `ParamScheduler` (60)
+sets the hypers, then `GradualUnfreeze` (61) may re-spread them and changes the freeze state at epoch starts,
+then `FastFrozenBody` / `FeatureCache` (61.5) read the freeze state, then `GroupLogger` (62) records the values
+the step used.
 
 Fastai itself only keeps the last group's lr (`Recorder.lrs`); its TensorBoard / W&B callbacks log every hyper of
 every group (`lr_0`, `mom_1`, ...) but no freeze state, which is what `GroupLogger` adds to them (`trainable_{i}`).
 """
 from __future__ import annotations
 
-import collections
 import math
 import time
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import pandas as pd
-import torch
 from fastai.callback.core import Callback
-from fastai.callback.schedule import LRFinder, ParamScheduler, SchedExp, valley
+from fastai.callback.schedule import ParamScheduler
 from fastai.learner import Learner
-from fastai.torch_core import rank_distrib, tensor
-from fastcore.basics import even_mults
+from fastai.torch_core import rank_distrib
 
-from .splitters import group_names
+from .lr_find import GroupLRFinder, group_lr_find, slice_ratios
+from .splitters import learner_group_names
 
-__all__ = ["GroupLogger", "GradualUnfreeze", "GroupLRFinder", "group_lr_find", "slice_ratios", "freeze_state",
-           "learner_group_names"]
+__all__ = ["GroupLogger", "GradualUnfreeze", "slice_ratios", "freeze_state", "notify_freeze_change",
+           "learner_group_names", "GroupLRFinder", "group_lr_find"]   # the last three: old import paths
 
 TRAINABLE, PARTIAL, FROZEN = "trainable", "partial", "frozen"
 _FIXED_HEAD = ("iter", "epoch", "fit", "group", "name")
 _FIXED_TAIL = ("params", "trainable", "state")
-
-
-def slice_ratios(n: int, lr_mult: float) -> list[float]:
-    """The lr of each of `n` groups relative to the last one, as fastai spreads `slice(lr/lr_mult, lr)`
-    (`even_mults`: geometric steps from `1/lr_mult` to `1`).
-
-    >>> [round(r, 4) for r in slice_ratios(3, 100)]
-    [0.01, 0.1, 1.0]
-    """
-    if n < 1:
-        raise ValueError(f"need at least one group, got {n}")
-    if n == 1:
-        return [1.0]
-    return [float(r) for r in even_mults(1 / lr_mult, 1.0, n)]
 
 
 def freeze_state(trainable: int, params: int) -> str:
@@ -65,25 +54,16 @@ def freeze_state(trainable: int, params: int) -> str:
     return FROZEN if trainable == 0 else PARTIAL
 
 
-def learner_group_names(learn: Learner) -> list[str]:
-    """Names of `learn.opt`'s parameter groups: the splitter's (`auto_splitter` names its groups) when its groups are,
-    by identity, the optimizer's ones; else `group0`, `group1`, ...
+def notify_freeze_change(learn: Learner, sender: Optional[Callback] = None) -> None:
+    """Tell the callbacks of `learn` that the freeze state (`requires_grad`) has just changed: each one that defines
+    `after_freeze_change()` (other than `sender`) has it called. fastai 2.8 cannot dispatch an event of its own
+    (`Learner.__call__` only takes fastai's event names), so this is the one notification the callbacks here use.
 
-    >>> learner_group_names(Learner(dls, model, splitter=auto_splitter))  # doctest: +SKIP
-    ['stem', 'stage1', 'stage2', 'stage3', 'stage4', 'head']
+    >>> learn.freeze_to(-2); notify_freeze_change(learn)  # doctest: +SKIP
     """
-    pls = learn.opt.param_lists
-    default = [f"group{i}" for i in range(len(pls))]
-    try:
-        groups = learn.splitter(learn.model)
-    except Exception:
-        return default
-    if not isinstance(groups, Sequence) or len(groups) != len(pls):
-        return default
-    for g, pg in zip(groups, pls):
-        if not isinstance(g, (list, tuple)) or len(g) != len(pg) or any(a is not b for a, b in zip(g, pg)):
-            return default
-    return group_names(groups)
+    for cb in list(learn.cbs):
+        if cb is not sender and callable(getattr(cb, "after_freeze_change", None)):
+            cb.after_freeze_change()
 
 
 def _is_hyper(v) -> bool:
@@ -185,8 +165,8 @@ class GroupLogger(Callback):
         if self._table_due:
             self._table_due = False
             if self.show_table and rank_distrib() == 0:
-                fast = getattr(self.learn, "fast_frozen_info", "")  # FastFrozenBody / FeatureCache publish it
-                print(self.table(len(self._records) - 1) + (f"\nbody: {fast}" if fast else ""))
+                notes = [cb.freeze_note() for cb in self.learn.cbs if callable(getattr(cb, "freeze_note", None))]
+                print("\n".join([self.table(len(self._records) - 1)] + [f"body: {n}" for n in notes if n]))
         if self._extra:
             self._log_extra(lay)
         if self.fname and time.monotonic() - getattr(self, "_flushed", 0.0) > self.flush_secs:
@@ -204,6 +184,10 @@ class GroupLogger(Callback):
         self._reset_fit()
 
     # ----------------------------------------------------------------------------------------------- freeze state
+    def after_freeze_change(self) -> None:
+        "Told by `notify_freeze_change`: re-read the freeze state now."
+        self.refresh()
+
     def refresh(self) -> bool:
         """Re-read `requires_grad` (and the hyper keys) of every group; start a new layout when anything changed,
         and print the table again at the next batch when the freeze state changed within the fit. Returns whether
@@ -425,7 +409,8 @@ class GradualUnfreeze(Callback):
     (BatchNorm of frozen groups stays trainable); like fastai's, it clears the optimizer state. The schedule follows
     `learn.epoch`, so a resumed fit (`start_epoch`) starts at the right stage. Apply it to one fit
     (`fit_one_cycle(5, slice(1e-5, 1e-3), cbs=GradualUnfreeze())`), not to `fine_tune`, whose second fit would
-    start frozen again. A `GroupLogger` present is told of each change, so its history shows it at that iteration.
+    start frozen again. Other callbacks are told of each change (`notify_freeze_change`): a `GroupLogger`'s history
+    shows it at that iteration.
 
     Args:
         every: epochs between two unfreezes. Example: `every=2` unfreezes a group at epochs 2, 4, ...
@@ -463,9 +448,7 @@ class GradualUnfreeze(Callback):
             return
         self._k = k
         self.learn.freeze_to(-k if k < n else 0)
-        logger = getattr(self.learn, "group_logger", None)
-        if isinstance(logger, GroupLogger):
-            logger.refresh()
+        notify_freeze_change(self.learn, self)
 
     def before_batch(self):
         "Re-spread the lrs (after `ParamScheduler` set them) when `lr_mult` is given."
@@ -477,73 +460,3 @@ class GradualUnfreeze(Callback):
             top = opt.hypers[-1]["lr"]
             opt.set_hyper("lr", [top * r for r in slice_ratios(n, self.lr_mult)])
 
-
-class GroupLRFinder(LRFinder):
-    """fastai's `LRFinder` where the sweep sets the last group's lr and every other group follows the ratios of
-    `slice(lr/lr_mult, lr)`. It registers as `learn.lr_finder`, so callbacks that stay inert in `lr_find`
-    (`GroupLogger`, TensorBoard, W&B) stay inert here too. See `group_lr_find` for the arguments."""
-
-    def __init__(self, lr_mult: float = 100, start_lr: float = 1e-7, end_lr: float = 10, num_it: int = 100,
-                 stop_div: bool = True):
-        super().__init__(start_lr=start_lr, end_lr=end_lr, num_it=num_it, stop_div=stop_div)
-        self.lr_mult, self.start_lr, self.end_lr = lr_mult, start_lr, end_lr
-
-    @property
-    def name(self):
-        return "lr_finder"
-
-    def before_fit(self):
-        "Build the per-group exponential schedules, then save the model like fastai's `LRFinder`."
-        r = np.array(slice_ratios(len(self.learn.opt.param_lists), self.lr_mult))
-        self.scheds = {"lr": SchedExp(self.start_lr * r, self.end_lr * r)}
-        super().before_fit()
-
-
-def group_lr_find(learn: Learner, lr_mult: float = 100, start_lr: float = 1e-7, end_lr: float = 10,
-                  num_it: int = 100, stop_div: bool = True, show_plot: bool = True,
-                  suggest_funcs: Sequence[Callable] | Callable | None = (valley,)):
-    """Learning-rate range test for discriminative rates: like `learn.lr_find()`, but the sweep sets the last
-    group's lr and every group `i` of `n` gets `lr * slice_ratios(n, lr_mult)[i]`, exactly what
-    `fit_one_cycle(..., slice(lr/lr_mult, lr))` will use. Model and optimizer are restored afterwards.
-
-    Args:
-        learn: the `Learner` (with its parameter groups, e.g. `splitter=auto_splitter`).
-        lr_mult: ratio between the last and the first group's lr. Example: `lr_mult=100` for `slice(lr/100, lr)`.
-        start_lr: the last group's lr at the start of the sweep. Example: `1e-7`.
-        end_lr: the last group's lr at the end of the sweep. Example: `10`.
-        num_it: number of iterations of the sweep. Example: `100`.
-        stop_div: stop when the loss diverges (4x the best smoothed loss).
-        show_plot: plot the loss against the last group's lr, with the suggestions.
-        suggest_funcs: fastai suggestion functions (`valley`, `slide`, `minimum`, `steep`), or None.
-
-    Returns:
-        A `SuggestedLRs` named tuple (one field per suggestion function) of lrs for the last group, or None when
-        `suggest_funcs` is None. Example: `lr = group_lr_find(learn).valley; learn.fit_one_cycle(3, slice(lr/100, lr))`.
-    """
-    n_epoch = num_it // len(learn.dls.train) + 1
-    cb = GroupLRFinder(lr_mult=lr_mult, start_lr=start_lr, end_lr=end_lr, num_it=num_it, stop_div=stop_div)
-    with learn.no_logging():
-        learn.fit(n_epoch, cbs=cb)
-    rec = learn.recorder
-    xlabel = f"learning rate of the last group (group i: lr x slice_ratios(n, {lr_mult:g})[i])"
-    if suggest_funcs is None:
-        if show_plot:
-            _plot_sweep(rec, xlabel)
-        return None
-    lrs = tensor([float(o) for o in rec.lrs[num_it // 10:-5]])
-    losses = tensor([float(o) for o in rec.losses[num_it // 10:-5]])
-    nan = torch.nonzero(torch.isnan(losses))
-    if len(nan):
-        lrs, losses = lrs[:int(nan[0])], losses[:int(nan[0])]
-    funcs = suggest_funcs if isinstance(suggest_funcs, (list, tuple)) else (suggest_funcs,)
-    nms = [getattr(f, "func", f).__name__ for f in funcs]
-    found = [f(lrs, losses, num_it) for f in funcs]
-    if show_plot:
-        _plot_sweep(rec, xlabel, [p for _, p in found], nms)
-    return collections.namedtuple("SuggestedLRs", nms)(*[lr for lr, _ in found])
-
-
-def _plot_sweep(rec, xlabel: str, suggestions=None, nms=None):
-    import matplotlib.pyplot as plt
-    rec.plot_lr_find(suggestions=suggestions, nms=nms)
-    plt.gca().set_xlabel(xlabel)

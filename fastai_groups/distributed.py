@@ -112,8 +112,8 @@ def unpatch_cpu_broadcast() -> bool:
 
 @contextlib.contextmanager
 def cpu_distrib_ctx(learn: Learner, sync_bn: bool = False, **kwargs: Any) -> Iterator[Learner]:
-    """`learn.distrib_ctx()` for CPU processes: patches `DistributedDL._broadcast` (`patch_cpu_broadcast`, left in
-    place afterwards; it is inert on GPUs), then enters `learn.distrib_ctx(sync_bn=False, cpu=True, **kwargs)`, so
+    """`learn.distrib_ctx()` for CPU processes: patches `DistributedDL._broadcast` (`patch_cpu_broadcast`; fastai's
+    method is put back on exit unless the patch was already in place), then enters `learn.distrib_ctx(sync_bn=False, cpu=True, **kwargs)`, so
     accelerate starts a gloo process group from the `torchrun` environment and wraps the model in
     `DistributedDataParallel` at each fit. Launched without `torchrun` (no `WORLD_SIZE`), it trains in this process
     alone, as fastai's `distrib_ctx` does.
@@ -140,9 +140,13 @@ def cpu_distrib_ctx(learn: Learner, sync_bn: bool = False, **kwargs: Any) -> Ite
     kwargs.pop("in_notebook", None)
     if kwargs.pop("cpu", True) is not True:
         raise ValueError("cpu_distrib_ctx always runs with cpu=True; use learn.distrib_ctx() for GPUs")
-    patch_cpu_broadcast()
-    with learn.distrib_ctx(sync_bn=False, cpu=True, **kwargs) as ctx:
-        yield ctx
+    patched = patch_cpu_broadcast()
+    try:
+        with learn.distrib_ctx(sync_bn=False, cpu=True, **kwargs) as ctx:
+            yield ctx
+    finally:
+        if patched:
+            unpatch_cpu_broadcast()
 
 
 class DDPRewrap(Callback):

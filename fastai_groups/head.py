@@ -8,16 +8,23 @@
 with biases on the Linear layers (2,097,664 and 22,572 parameters). `create_head(..., fastai_compat=True)` is
 fastai 2.8's `fastai.vision.learner.create_head` layer for layer and parameter for parameter: Linear layers that
 follow a BatchNorm have no bias, and BatchNorm biases start at 1e-3 (fastai's `BatchNorm`).
+
+`cnn_model(arch, n_out)` joins any body and this head: `nn.Sequential(create_body(arch), create_head(nf, n_out))`,
+`nf` found on the meta device.
 """
 from __future__ import annotations
 
+import inspect
 import numbers
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import fastai.layers as fl
+import torch
 from torch import nn
 
-__all__ = ["AdaptiveConcatPool2d", "create_head"]
+from .body import Cut, build_body, feature_shape
+
+__all__ = ["AdaptiveConcatPool2d", "create_head", "cnn_model", "join_head"]
 
 Size = Union[None, int, Sequence[Optional[int]]]
 
@@ -162,3 +169,44 @@ def create_head(nf: int, n_out: int, lin_ftrs: Optional[Sequence[int]] = None, p
     if y_range is not None:
         layers.append(fl.SigmoidRange(*y_range))
     return nn.Sequential(*layers)
+
+
+def _head_args() -> set[str]:
+    return set(inspect.signature(create_head).parameters) - {"nf", "n_out"}
+
+
+def join_head(body: nn.Module, n_out: int, n_in: int, init: Optional[Callable], head_kwargs: dict,
+          shape: Optional[torch.Size] = None) -> nn.Sequential:
+    "nn.Sequential(body, head), nf read from the body's output on the meta device, only the head initialised."
+    unknown = set(head_kwargs) - _head_args()
+    if unknown:
+        raise TypeError(f"unknown argument(s) {', '.join(sorted(unknown))}; the head takes "
+                        f"{', '.join(sorted(_head_args()))}")
+    pool = head_kwargs.get("pool", True)
+    shape = feature_shape(body, n_in) if shape is None else shape
+    if pool and len(shape) != 4:
+        raise ValueError(f"the body returns shape {tuple(shape)} (for a batch of 2), not a (B, C, H, W) feature map: "
+                         "pass pool=False for a body that returns (batch, features)")
+    if not pool and len(shape) != 2:
+        raise ValueError(f"with pool=False the head takes (batch, features), but the body returns shape "
+                         f"{tuple(shape)}: use pool=True for a feature map")
+    head = create_head(int(shape[1]), n_out, **head_kwargs)
+    if init is not None:
+        from fastai.torch_core import apply_init
+        apply_init(head, init)
+    return nn.Sequential(body, head)
+
+
+def cnn_model(arch: Any, n_out: int, pretrained: bool = False, weights: Any = None, cut: Cut = None, n_in: int = 3,
+              init: Optional[Callable] = nn.init.kaiming_normal_, **head_kwargs) -> nn.Sequential:
+    """`nn.Sequential(create_body(arch, ...), create_head(nf, n_out, **head_kwargs))`, fastai's
+    `create_vision_model` for any architecture. `nf` is read from the body's output on the meta device (no
+    memory, the body's training mode untouched); only the head is initialised, with `init` (fastai's
+    `apply_init`: Linear weights, zero biases; BatchNorms kept). `head_kwargs`: `create_head`'s arguments.
+
+    >>> from torchvision.models import resnet50
+    >>> sum(p.numel() for p in cnn_model(resnet50, 44).parameters())  # seed 003
+    25637484
+    """
+    body, _, shape = build_body(arch, pretrained=pretrained, cut=cut, weights=weights, n_in=n_in)
+    return join_head(body, n_out, n_in, init, head_kwargs, shape)

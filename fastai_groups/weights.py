@@ -20,7 +20,8 @@ from typing import Any, Callable, Mapping, Union
 import torch
 from torch import nn
 
-from .summary import _accepts, instantiate, resolve_arch, unwrap_model
+from ._utils import accepts, unwrap_callable, unwrap_model
+from .arch import instantiate, resolve_arch
 
 __all__ = ["LITE0_ARCH", "lite0_state_dict", "load_state_dict", "build_model", "model_stats"]
 
@@ -199,19 +200,13 @@ def model_stats(model: nn.Module) -> Stats:
     return _imagenet()
 
 
-def _target(fn: Callable) -> Callable:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    return fn
-
-
 def _describe(arch: Any) -> str:
     if isinstance(arch, str):
         return repr(arch)
     name = _timm_name(arch) if callable(arch) else None
     if name is not None:
         return repr(f"timm:{name}")
-    fn = _target(arch)
+    fn = unwrap_callable(arch)
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(arch).__name__
 
 
@@ -221,7 +216,7 @@ def _timm_name(fn: Callable) -> str | None:
         import timm
     except ImportError:
         return None
-    target = _target(fn)
+    target = unwrap_callable(fn)
     if target is timm.create_model and isinstance(fn, functools.partial):
         name = fn.args[0] if fn.args else fn.keywords.get("model_name")
         return name if isinstance(name, str) else None
@@ -231,11 +226,11 @@ def _timm_name(fn: Callable) -> str | None:
 
 
 def _is_torchvision(fn: Callable) -> bool:
-    return getattr(_target(fn), "__module__", "").startswith("torchvision.models")
+    return getattr(unwrap_callable(fn), "__module__", "").startswith("torchvision.models")
 
 
 def _is_fastai(fn: Callable) -> bool:
-    return getattr(_target(fn), "__module__", "").startswith("fastai.")
+    return getattr(unwrap_callable(fn), "__module__", "").startswith("fastai.")
 
 
 def _partial_kwargs(fn: Callable) -> dict[str, Any]:
@@ -256,7 +251,7 @@ def _tv_weights(builder: Callable, weights: Any, arch: Any):
     "A torchvision `WeightsEnum` member for `weights` ('DEFAULT', an enum name, or already a member)."
     from torchvision.models import get_model_weights
     try:
-        enum = get_model_weights(_target(builder))
+        enum = get_model_weights(unwrap_callable(builder))
     except Exception as e:
         raise _fail(arch, "torchvision", _fix(), e) from e
     if not isinstance(weights, str):
@@ -297,7 +292,7 @@ def _pretrained(fn: Callable, arch: Any) -> tuple[nn.Module, Stats]:
             raise _fail(arch, f"timm (Hugging Face hub, timm/{name})", _fix(
                 "check the network, or download once and set HF_HUB_OFFLINE=1 to use the local cache"), e) from e
         return model, model_stats(model)
-    if _is_fastai(fn) or _accepts(fn, "pretrained"):
+    if _is_fastai(fn) or accepts(fn, "pretrained"):
         source = "fastai's model zoo" if _is_fastai(fn) else "the factory's pretrained=True"
         try:
             model = fn(pretrained=True)
@@ -319,7 +314,7 @@ def _torchvision(builder: Callable, w: Any, arch: Any) -> nn.Module:
         except Exception as e:
             raise _fail(arch, source, fix, e) from e
         return load_state_dict(instantiate(builder, meta=False), sd, ignore_head=True)
-    kwargs = {"progress": False} if _accepts(_target(builder), "progress") else {}
+    kwargs = {"progress": False} if accepts(unwrap_callable(builder), "progress") else {}
     try:  # the builder itself: it sets image_size, num_classes etc. from w.meta
         model = builder(weights=w, **kwargs)
     except Exception as e:

@@ -26,3 +26,30 @@ def image_folder(tmp_path_factory):
                 a = np.clip(np.array(rgb) + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(a).save(root / split / cls / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    "(frozen/cache tests) Two classes of 32x32 RGB PNGs (class a: darker top half), 64 train and 16 valid."
+    from models import N_TRAIN, N_VALID
+    root = tmp_path_factory.mktemp("frozen_imgs")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", N_TRAIN // 2), ("valid", N_VALID // 2)):
+        for c in ("a", "b"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                a = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+                if c == "a":
+                    a[:16] //= 3
+                Image.fromarray(a).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dls(image_dir):
+    from models import make_dls
+    return make_dls(image_dir)
+
+
+

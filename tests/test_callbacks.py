@@ -1,7 +1,6 @@
-"""GroupLogger, GradualUnfreeze and group_lr_find on real fastai Learners (tiny residual CNN, 32 px PNGs)."""
+"""GroupLogger and GradualUnfreeze on real fastai Learners (tiny residual CNN, 32 px PNGs)."""
 import math
 import pickle
-from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -9,41 +8,12 @@ import fastai.callback.hook  # noqa: F401  (adds Learner.summary)
 import pytest
 import torch
 from fastai.callback.core import Callback
-from fastai.callback.progress import ProgressCallback
-from fastai.learner import Learner, load_learner
-from fastai.vision.data import ImageDataLoaders
+from fastai.learner import load_learner
 from torch import nn
 
-from fastai_groups.callbacks import (GradualUnfreeze, GroupLogger, freeze_state, group_lr_find, slice_ratios)
+from fastai_groups.callbacks import (GradualUnfreeze, GroupLogger, freeze_state, slice_ratios)
 from fastai_groups.splitters import auto_splitter
-
-SPLIT3 = partial(auto_splitter, granularity="fastai")
-N_GROUPS = 3
-
-
-# ------------------------------------------------------------------------------------------------------- fixtures
-def _conv_bn(ci, co, stride):
-    return nn.Sequential(nn.Conv2d(ci, co, 3, stride, 1, bias=False), nn.BatchNorm2d(co), nn.ReLU())
-
-
-class ResBlock(nn.Module):
-    def __init__(self, ci, co, stride):
-        super().__init__()
-        self.a = _conv_bn(ci, co, stride)
-        self.b = nn.Sequential(nn.Conv2d(co, co, 3, 1, 1, bias=False), nn.BatchNorm2d(co))
-        self.down = (nn.Sequential(nn.Conv2d(ci, co, 1, stride, bias=False), nn.BatchNorm2d(co))
-                     if stride != 1 or ci != co else nn.Identity())
-
-    def forward(self, x):
-        return torch.relu(self.b(self.a(x)) + self.down(x))
-
-
-def tiny_resnet(n_out=3):
-    "stem, three one-block stages, BN + linear head: 3 groups at granularity 'fastai'."
-    body = nn.Sequential(_conv_bn(3, 8, 2), nn.Sequential(ResBlock(8, 8, 1)), nn.Sequential(ResBlock(8, 16, 2)),
-                         nn.Sequential(ResBlock(16, 32, 2)))
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(32), nn.Linear(32, n_out))
-    return nn.Sequential(body, head)
+from models import SPLIT3, N_GROUPS, make_learner
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,14 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def make_learner(root, cbs=(), splitter=SPLIT3, **kwargs):
-    torch.manual_seed(0)
-    dls = ImageDataLoaders.from_folder(root, train="train", valid="valid", bs=8, num_workers=0)
-    learn = Learner(dls, tiny_resnet(), splitter=splitter, cbs=list(cbs), **kwargs)
-    learn.remove_cb(ProgressCallback)
-    return learn
 
 
 class StepProbe(Callback):
@@ -196,13 +158,13 @@ def test_csv_appended_within_an_epoch(image_folder):
 def test_inert_outside_training(tuned, capsys):
     learn, _ = tuned
     lg = learn.group_logger
-    before, n_fit = len(lg.history), lg._n_fit
+    before, n_fit = len(lg.history), lg.state_dict()["n_fit"]
     csv_before = (learn.path / "groups.csv").read_text()
     learn.lr_find(num_it=10, show_plot=False)
     learn.validate()
     learn.get_preds()
     learn.summary()
-    assert len(lg.history) == before and lg._n_fit == n_fit
+    assert len(lg.history) == before and lg.state_dict()["n_fit"] == n_fit
     assert (learn.path / "groups.csv").read_text() == csv_before
     assert "GroupLogger" not in capsys.readouterr().out
 
@@ -337,34 +299,3 @@ def test_gradual_unfreeze_every_start_lr_mult(image_folder):
     df = learn.group_logger.history
     assert (per_group(df, "state") == ["partial", "trainable", "trainable"]).all()   # start=2, next at epoch 2
     assert np.allclose(np.array(probe.lrs), [1e-5, 1e-4, 1e-3])
-
-
-# ---------------------------------------------------------------------------------------------------- group_lr_find
-class SweepProbe(Callback):
-    "Test-only: per-group lrs at every step, recorded even during lr_find."
-    def __init__(self):
-        self.lrs = []
-
-    def before_step(self):
-        self.lrs.append([float(h["lr"]) for h in self.learn.opt.hypers])
-
-
-def test_group_lr_find(image_folder):
-    import matplotlib.pyplot as plt
-    sweep = SweepProbe()
-    learn = make_learner(image_folder, cbs=[GroupLogger(), sweep])
-    learn.fit(1, lr=1e-3)
-    n_rows = len(learn.group_logger.history)
-    weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
-    hypers = [dict(h) for h in learn.opt.hypers]
-    sweep.lrs.clear()
-    res = group_lr_find(learn, lr_mult=100, start_lr=1e-6, end_lr=1, num_it=12, stop_div=False)
-    plt.close("all")
-    lrs = np.array(sweep.lrs)
-    assert len(lrs) == 12
-    assert np.allclose(lrs / lrs[:, -1:], slice_ratios(3, 100))
-    assert np.allclose(lrs[:, -1], 1e-6 * (1e6) ** (np.arange(12) / 12))
-    assert res.valley > 0 and hasattr(res, "_fields")
-    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in weights.items())
-    assert [dict(h) for h in learn.opt.hypers] == hypers
-    assert len(learn.group_logger.history) == n_rows and not hasattr(learn, "lr_finder")

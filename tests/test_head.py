@@ -1,4 +1,4 @@
-"Tests for fastai_groups.head: seed 003's head, fastai 2.8 parity, argument checks."
+"Tests for fastai_groups.head: seed 003's head and model (cnn_model), fastai 2.8 parity, argument checks."
 import pytest
 import torch
 from torch import nn
@@ -6,7 +6,10 @@ from torch import nn
 import fastai.layers as fl
 from fastai.vision.learner import create_head as fastai_create_head
 
-from fastai_groups.head import AdaptiveConcatPool2d, create_head
+from torchvision.models import resnet18, resnet50
+
+from fastai_groups.head import AdaptiveConcatPool2d, cnn_model, create_head
+from fastai_groups.splitters import auto_splitter
 
 SEED_TYPES = ["AdaptiveConcatPool2d", "Flatten", "BatchNorm1d", "Dropout", "Linear", "ReLU", "BatchNorm1d", "Dropout",
               "Linear"]
@@ -157,3 +160,50 @@ def test_bad_arguments(args, kw):
 def test_ps_error_message():
     with pytest.raises(ValueError, match="one dropout probability per Linear layer"):
         create_head(10, 3, ps=[0.1, 0.2, 0.3])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Seed 003's model: cnn_model(resnet50, 44), as cnn_learner(data, models.resnet50) with 44 classes
+# ---------------------------------------------------------------------------------------------------------------
+def tiny_dls(n_classes=3):
+    from fastai.data.core import DataLoaders
+    items = [(torch.randn(3, 32, 32), i % n_classes) for i in range(8)]
+    return DataLoaders.from_dsets(items, items, bs=4)
+
+
+def test_seed_003_resnet50_numbers():
+    from fastai.learner import Learner
+    model = cnn_model(resnet50, 44)
+    assert n_params(model) == 25_637_484
+    body, head = model
+    assert type(body) is nn.Sequential and len(body) == 8  # learner.model[0]: conv1 ... layer4, indices 0..7
+    assert [type(m).__name__ for m in body] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] + ["Sequential"] * 4
+    assert isinstance(head[0], AdaptiveConcatPool2d) and head[2].num_features == 4096
+    learn = Learner(tiny_dls(44), model, loss_func=nn.CrossEntropyLoss(), splitter=auto_splitter, train_bn=True)
+    learn.freeze()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 2_182_572
+    assert n_params(model) - trainable == 23_454_912
+
+
+def test_fastai_compat_model_matches_fastai():
+    from fastai.vision.learner import create_vision_model
+    ours = cnn_model(resnet18, 7, fastai_compat=True)
+    theirs = create_vision_model(resnet18, 7, pretrained=False)
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in theirs.named_parameters()]
+
+
+def test_only_head_initialised():
+    torch.manual_seed(0)
+    model = resnet18()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    m = cnn_model(model, 3, init=nn.init.zeros_)
+    for n, p in model.named_parameters():
+        if not n.startswith("fc."):
+            assert torch.equal(p, before[n]), n
+    head = m[1]
+    assert all(torch.all(l.weight == 0) and torch.all(l.bias == 0) for l in head if isinstance(l, nn.Linear))
+    assert all(torch.all(b.weight == 1) for b in head if isinstance(b, nn.BatchNorm1d))  # norms not re-initialised
+    m = cnn_model(resnet18, 3)  # kaiming normal: not all zero, biases zero
+    lin = [l for l in m[1] if isinstance(l, nn.Linear)]
+    assert all(l.weight.std() > 0 and torch.all(l.bias == 0) for l in lin)

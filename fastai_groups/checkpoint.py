@@ -1,0 +1,140 @@
+"""Checkpoints that resume: fastai's `save`/`load`/`export` files, plus what resuming needs and fastai drops.
+
+Beyond fastai's `{'model': ..., 'opt': ...}`, a checkpoint keeps the groups (names, sizes), the freeze state
+(`requires_grad` of every parameter, `opt.frozen_idx`) and the state of every callback that has `state_dict` /
+`load_state_dict` (the `GroupLogger` history). They ride in `state['opt']['fastai_groups']`, which fastai's
+`Optimizer.load_state_dict` ignores, so plain fastai loads these files too. (fastai's `save_model`/`load_model`
+are not used underneath: the extras must be inside the optimizer state they write, and the grouping must be
+checked before anything is loaded.) `GroupLearner.save`, `load` and `export` call these functions.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ._utils import unwrap_model
+from .splitters import learner_group_names
+
+__all__ = ["save_checkpoint", "load_checkpoint", "export_state", "restore_export", "CKPT_KEY"]
+
+CKPT_KEY = "fastai_groups"
+
+
+def _torch_load(file, device=None, **kwargs):
+    "`torch.load` as fastai's `load_model` does it (device, `weights_only` with the numpy types fastai's hypers hold)."
+    import numpy as np
+    from fastcore.foundation import L
+    device = torch.device("cuda", device) if isinstance(device, int) else device or "cpu"
+    kwargs.setdefault("weights_only", True)
+    np_core = getattr(np, "_core", None) or np.core
+    safe = [L, np_core.multiarray.scalar, np.dtype, *[getattr(np.dtypes, d) for d in np.dtypes.__all__]]
+    with torch.serialization.safe_globals(safe):
+        return torch.load(file, map_location=device, **kwargs)
+
+
+def _sizes(learn) -> list[list[int]]:
+    "(tensors, elements) of each parameter group of `learn.opt`."
+    return [[len(pg), sum(p.numel() for p in pg)] for pg in learn.opt.param_lists]
+
+
+def _stateful(learn) -> dict:
+    "The callbacks of `learn` that can save and restore their state, by name."
+    return {cb.name: cb for cb in learn.cbs
+            if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))}
+
+
+def _train_state(learn) -> dict:
+    "What a checkpoint needs beyond fastai's: groups, freeze state, callback states (plain Python data)."
+    return {"names": learner_group_names(learn), "sizes": _sizes(learn),
+            "requires_grad": [[bool(p.requires_grad) for p in pg] for pg in learn.opt.param_lists],
+            "frozen_idx": int(getattr(learn.opt, "frozen_idx", 0)),
+            "callbacks": {name: cb.state_dict() for name, cb in _stateful(learn).items()}}
+
+
+def _describe(names: list, sizes: list) -> str:
+    return f"{len(sizes)} groups: " + ", ".join(f"{n} ({t} tensors, {e:,} params)" for n, (t, e) in zip(names, sizes))
+
+
+def _check_grouping(learn, opt_state: dict, extra: Optional[dict], file) -> None:
+    "`ValueError` when the checkpoint's groups are not this learner's (count, or tensors and elements per group)."
+    here = _describe(learner_group_names(learn), _sizes(learn))
+    if extra is not None:
+        if [list(s) for s in extra["sizes"]] == _sizes(learn):
+            return
+        saved = _describe(extra["names"], extra["sizes"])
+    else:                                   # a plain fastai file: only the number of groups is known
+        hypers = opt_state.get("hypers", opt_state.get("param_groups"))
+        if hypers is None or len(hypers) == len(learn.opt.param_lists):
+            return
+        saved = f"{len(hypers)} groups (a plain fastai file: no names or sizes)"
+    raise ValueError(f"checkpoint {file} has another grouping than this learner: the checkpoint has {saved}; this "
+                     f"learner has {here}. Build the learner with the splitter (and model) the checkpoint was saved "
+                     "with, or load the weights only with load(..., with_opt=False)")
+
+
+def _restore_train_state(learn, extra: dict) -> None:
+    "Put back the checkpoint's freeze state and the states of the callbacks that saved one."
+    for pg, flags in zip(learn.opt.param_lists, extra["requires_grad"]):
+        for p, flag in zip(pg, flags):
+            p.requires_grad_(bool(flag))
+    learn.opt.frozen_idx = int(extra["frozen_idx"])
+    saved = dict(extra.get("callbacks") or {})
+    if extra.get("logger") is not None:           # files of fastai_groups 0.1.0
+        saved.setdefault("group_logger", extra["logger"])
+    for name, cb in _stateful(learn).items():
+        if saved.get(name) is not None:
+            cb.load_state_dict(saved[name])
+
+
+def save_checkpoint(learn, file, with_opt: bool = True, pickle_protocol: int = 2, **torch_save_kwargs) -> None:
+    "Write `learn`'s checkpoint to `file` (rank 0 only): see `GroupLearner.save`."
+    from fastai.torch_core import rank_distrib
+    if rank_distrib():
+        return
+    state = unwrap_model(learn.model).state_dict()
+    if with_opt and learn.opt is not None:
+        state = {"model": state, "opt": {**learn.opt.state_dict(), CKPT_KEY: _train_state(learn)}}
+    torch.save(state, file, pickle_protocol=pickle_protocol, **torch_save_kwargs)
+
+
+def load_checkpoint(learn, file, device: Any = None, with_opt: bool = True, strict: bool = True,
+                    **torch_load_kwargs) -> None:
+    "Load `file` into `learn`: see `GroupLearner.load`."
+    from fastai.torch_core import distrib_barrier
+    if device is None and hasattr(learn.dls, "device"):
+        device = learn.dls.device
+    if learn.opt is None:
+        learn.create_opt()
+    distrib_barrier()
+    state = _torch_load(file, device, **torch_load_kwargs)
+    has_opt = isinstance(state, dict) and set(state) == {"model", "opt"}
+    extra = state["opt"].pop(CKPT_KEY, None) if has_opt else None
+    if with_opt and has_opt:
+        _check_grouping(learn, state["opt"], extra, file)
+    weights = state["model"] if has_opt else state
+    nn.modules.utils.consume_prefix_in_state_dict_if_present(weights, "_orig_mod.")  # fastai's torch.compile saves
+    unwrap_model(learn.model).load_state_dict(weights, strict=strict)
+    if with_opt and has_opt:
+        learn.opt.load_state_dict(state["opt"])
+        if extra is not None:
+            _restore_train_state(learn, extra)
+    elif with_opt:
+        warnings.warn("Saved file doesn't contain an optimizer state.")
+
+
+def export_state(learn) -> Optional[dict]:
+    "What `export` keeps of the optimizer (its per-group hypers and `frozen_idx`), None without an optimizer."
+    if learn.opt is None:
+        return None
+    return {"hypers": [dict(h) for h in learn.opt.hypers], "frozen_idx": getattr(learn.opt, "frozen_idx", 0)}
+
+
+def restore_export(learn, exported: dict) -> None:
+    "In `load_learner`: an optimizer with the hypers and `frozen_idx` that `export_state` kept."
+    learn.create_opt()
+    for h, kept in zip(learn.opt.hypers, exported["hypers"]):
+        h.update(kept)
+    learn.opt.frozen_idx = exported["frozen_idx"]

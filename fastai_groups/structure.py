@@ -1,0 +1,339 @@
+"""The structure of any CNN: stem, stages and head, from the module tree and one meta-device trace.
+
+The model is cut into *units*: containers are opened, blocks (residual, inverted-residual, transformer, dense
+layers, ...) are kept whole. A forward pass on meta tensors (no memory, no data) gives the forward order of the
+units and the resolution of their outputs: a block that changes the resolution opens a new stage. Units after the
+last feature map form the head. `find_structure(model)` returns a `Structure`; the splitters build groups from it.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ._meta import candidate_inputs, on_meta
+from ._utils import CONTAINERS, NORMS, first_tensor, preserve_modes
+from .arch import instantiate
+
+__all__ = ["Unit", "Structure", "find_structure"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Units: the atoms a split never cuts
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Unit:
+    "An atomic piece of the model: a module kept whole, or the parameters registered directly on an opened module."
+    name: str                         # qualified name ('' for the root's own parameters)
+    module: Optional[nn.Module]       # None for direct parameters
+    params: list                      # parameters first owned by this unit, in registration order
+    block: bool = False               # a block (residual, transformer, dense layer, ...), kept whole
+    cls: str = ""                     # class name of the module
+    order: float = math.inf           # forward order (first call)
+    res: Optional[int] = None         # spatial size (H*W, or tokens) of its output; None if pooled/unknown
+    executed: bool = False
+
+
+class _Shape:
+    "Cached structural facts about modules (ids are only valid while the model lives)."
+
+    def __init__(self):
+        self.owners: dict[int, int] = {}
+        self.nblocks: dict[int, int] = {}
+
+    def param_owners(self, m: nn.Module) -> int:
+        "How many modules of the subtree (itself included) hold parameters directly."
+        k = id(m)
+        if k not in self.owners:
+            self.owners[k] = (1 if m._parameters and any(p is not None for p in m._parameters.values()) else 0) + \
+                sum(self.param_owners(c) for c in m.children())
+        return self.owners[k]
+
+    def is_block(self, m: nn.Module) -> bool:
+        """A block: a composite of 3+ parameterised modules, or of 2 weight layers (a residual block without norm
+        layers, an MLP), or of 2+ where some child is itself composite. Conv+norm(+act) and linear+norm pairs are
+        layers, not blocks."""
+        n = self.param_owners(m)
+        if n < 2:
+            return False
+        if n == 2 and all(self.param_owners(c) <= 1 for c in m.children()):
+            return not any(isinstance(d, NORMS) for d in m.modules() if d._parameters)
+        return True
+
+    def count_blocks(self, m: nn.Module) -> int:
+        """Blocks directly reachable below `m`: containers count by their contents, and so does a child that
+        itself holds 2+ blocks; any other child counts 1 if it is a block."""
+        k = id(m)
+        if k not in self.nblocks:
+            total = 0
+            for c in m.children():
+                inner = self.count_blocks(c)
+                total += inner if (inner >= 2 or isinstance(c, CONTAINERS)) else int(self.is_block(c))
+            self.nblocks[k] = total
+        return self.nblocks[k]
+
+    def model_like(self, m: nn.Module) -> bool:
+        """A whole model rather than a block: it holds 2+ blocks, or a container of 3+ parameterised layers
+        (VGG's `features`). A body wrapped as Sequential(body, head) is opened like the root when model-like."""
+        if self.count_blocks(m) >= 2:
+            return True
+        return any(isinstance(d, CONTAINERS) and sum(self.param_owners(c) > 0 for c in d.children()) >= 3
+                   for d in m.modules())
+
+    def opens(self, m: nn.Module, root: bool, in_sequence: bool = False) -> bool:
+        """Is `m` opened into its children, or kept whole? Opened: the root, plain containers, container
+        subclasses that hold blocks (a DenseNet dense block, a RegNet stage), stage wrappers (a module with a
+        container of 2+ blocks), and modules holding 2+ blocks that are not themselves an element of a sequence
+        (a block in a sequence stays whole even when it holds sub-blocks, such as RepViT's token/channel mixers)."""
+        if not m._modules:
+            return False
+        if root or type(m) in CONTAINERS:
+            return True
+        n = self.count_blocks(m)
+        if isinstance(m, CONTAINERS):
+            return n >= 1
+        if any(isinstance(c, CONTAINERS) and self.count_blocks(c) >= 2 for c in m.children()):
+            return True
+        return n >= 2 and not in_sequence
+
+
+def _numel(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _units(model: nn.Module) -> list[Unit]:
+    shape, units, seen = _Shape(), [], set()
+
+    def own(params):
+        out = []
+        for p in params:
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    def visit(m: nn.Module, name: str, wrapper: bool, in_sequence: bool = False):
+        # `wrapper`: the root, or the first child holding parameters of a wrapper when it is a whole model (a body
+        # inside Sequential(body, head), fastai's TimmBody(model), our ForwardBody): opened like the root, however
+        # large the head that follows it
+        if shape.opens(m, wrapper, in_sequence):
+            direct = own(m._parameters.values())
+            if direct:
+                units.append(Unit(name, None, direct, cls=type(m).__name__))
+            before = bool(direct)
+            for cname, c in m.named_children():
+                n = _numel(c)
+                dominant = wrapper and not before and n > 0 and not isinstance(c, CONTAINERS) and \
+                    shape.model_like(c)
+                before = before or n > 0
+                visit(c, f"{name}.{cname}" if name else cname, dominant, isinstance(m, CONTAINERS))
+        else:
+            units.append(Unit(name, m, own(m.parameters()), block=shape.is_block(m), cls=type(m).__name__))
+
+    visit(model, "", True)
+    return units
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Meta trace: forward order and output resolution
+# ----------------------------------------------------------------------------------------------------------------
+def _resolution(shape: torch.Size) -> Optional[int]:
+    "Spatial size of an activation: H*W for NCHW or NHWC maps, tokens for (B, N, C); None when pooled."
+    if len(shape) == 4:
+        _, a, b, c = shape
+        if b == c or a != b:
+            return int(b * c)
+        return int(a * b)  # channels last
+    if len(shape) == 3:
+        return int(shape[1])
+    return None
+
+
+def _trace(model: nn.Module, units: list[Unit]) -> str:
+    """Fill `order`, `res`, `executed` of the units from a forward pass on meta tensors: 'complete', 'partial'
+    (it failed after some units ran: the furthest attempt is kept) or '' (nothing ran)."""
+    mods = [(u, u.module) for u in units if u.module is not None]
+    counter = [0]
+
+    def hook(u):
+        def pre(mod, args):
+            if not u.executed:
+                u.executed, u.order = True, counter[0]
+                counter[0] += 1
+        def post(mod, args, out):
+            t = first_tensor(out)
+            if t is not None and u.res is None:
+                u.res = _resolution(t.shape)
+        return pre, post
+
+    handles = []
+    try:
+        for u, m in mods:
+            pre, post = hook(u)
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+        with preserve_modes(model):
+            model.eval()
+            best = (0, None)  # (units reached, snapshot) of the furthest failed attempt
+            for size in candidate_inputs(model):
+                for u in units:
+                    u.executed, u.order, u.res = False, math.inf, None
+                counter[0] = 0
+                x = torch.empty((2,) + size, device="meta")
+                try:
+                    with torch.no_grad(), warnings.catch_warnings(), on_meta(model):
+                        warnings.simplefilter("ignore")
+                        model(x)
+                    return "complete"
+                except Exception:
+                    # a forward that fails late (a head that does not fit the body, a fixed input size) still
+                    # tells the order and resolution of what ran before it
+                    if counter[0] > best[0]:
+                        best = (counter[0], [(u.executed, u.order, u.res) for u in units])
+        for u, snap in zip(units, best[1] or [(False, math.inf, None)] * len(units)):
+            u.executed, u.order, u.res = snap
+        return "partial" if best[0] > 0 else ""
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _forward_sort(units: list[Unit]) -> list[Unit]:
+    "Units in forward order; units never called keep their place after the unit registered before them."
+    keyed, last, k = [], -1.0, 0
+    for i, u in enumerate(units):
+        if u.executed:
+            last, k = u.order, 0
+            keyed.append(((u.order, 0, i), u))
+        else:
+            k += 1
+            keyed.append(((last, k, i), u))
+    return [u for _, u in sorted(keyed, key=lambda t: t[0])]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Structure: stem, stages, tail, head
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Structure:
+    "Where the stem, stages and head of a model are (lists of units, in forward order)."
+    units: list
+    stem: list = field(default_factory=list)
+    stages: list = field(default_factory=list)   # list of lists of units
+    head: list = field(default_factory=list)
+    traced: bool = False      # a forward on meta tensors ran (at least partly)
+    complete: bool = False    # ... and ran to the end
+
+    @property
+    def blocks(self) -> list:
+        return [u for s in self.stages for u in s if u.block]
+
+    def n_params(self, units) -> int:
+        return sum(p.numel() for u in units for p in u.params)
+
+
+def _root_name(u: Unit) -> str:
+    return u.name.split(".", 1)[0]
+
+
+def _parent(u: Unit) -> str:
+    return u.name.rsplit(".", 1)[0] if "." in u.name else ""
+
+
+def find_structure(model: Any) -> Structure:
+    """Stem, stages and head of `model` (any `arch` accepted by `instantiate`), without touching its weights.
+
+    >>> s = find_structure("resnet18"); [u.name for u in s.stem], len(s.stages), [u.name for u in s.head]
+    (['conv1', 'bn1', 'relu', 'maxpool'], 4, ['avgpool', 'fc'])
+    """
+    model = instantiate(model)
+    key = (tuple(map(id, model.modules())), tuple(map(id, model.parameters())))
+    hit = _CACHE.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    st = _find_structure(model)
+    _CACHE[model] = (key, st)
+    return st
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _find_structure(model: nn.Module) -> Structure:
+    units = _units(model)
+    how = _trace(model, units)
+    traced, complete = bool(how), how == "complete"
+    units = _forward_sort(units)
+    st = Structure(units=units, traced=traced, complete=complete)
+    if not any(u.params for u in units):
+        return st
+
+    block_idx = [i for i, u in enumerate(units) if u.block]
+    last_block = block_idx[-1] if block_idx else -1
+
+    # head: what follows the last feature map (pooling, classifier), never a block
+    head_start = None
+    if traced:
+        feats = [i for i, u in enumerate(units) if u.res is not None and u.res > 1]
+        if feats:
+            h = feats[-1] + 1  # a block after the last feature map is a classifier block (timm's MLP heads)
+            # a partial trace must have seen the switch from feature maps to pooled outputs
+            seen = complete or (h < len(units) and units[h].executed)
+            if seen and any(u.params for u in units[h:]):
+                head_start = h
+    if head_start is None:
+        # structural: the last top-level child with parameters, if it holds no block and follows the last block
+        last_p = max(i for i, u in enumerate(units) if u.params)
+        top = _root_name(units[last_p])
+        same = [i for i, u in enumerate(units) if _root_name(u) == top]
+        if top and last_p > last_block and not any(units[i].block for i in same) and same[0] > last_block:
+            head_start = same[0]
+            # pooling/flatten units without parameters just before it belong to the head too
+            while head_start - 1 > last_block and not units[head_start - 1].params and \
+                    units[head_start - 1].res is None and traced:
+                head_start -= 1
+    if head_start is None:
+        head_start = len(units)
+    body, st.head = units[:head_start], units[head_start:]
+
+    # blocks; a model without any (VGG, AlexNet, a plain Sequential) uses its parameterised units
+    blocks = [i for i, u in enumerate(body) if u.block]
+    if not blocks:
+        blocks = [i for i, u in enumerate(body) if u.params]
+        for i in blocks:
+            body[i].block = True
+    if not blocks:
+        st.stem = body
+        return st
+
+    # stem: units before the first block whose class repeats (a one-off composite stem is still stem)
+    counts: dict[str, int] = {}
+    for i in blocks:
+        counts[body[i].cls] = counts.get(body[i].cls, 0) + 1
+    first = next((i for i in blocks if counts[body[i].cls] >= 2), blocks[0])
+    st.stem = body[:first]
+
+    # stages: a block whose output resolution differs from the previous block's opens a new stage;
+    # units between two blocks go with the next block; units after the last block (tail) with the last stage
+    stages, cur, pending, prev = [], [], [], None
+    for u in body[first:]:
+        if not u.block or (complete and not u.executed):  # never called (an auxiliary head): goes along
+            pending.append(u)
+            continue
+        if prev is not None:
+            if u.res is not None and prev.res is not None:
+                new = u.res != prev.res
+            else:
+                new = _parent(u) != _parent(prev)
+            if new:
+                stages.append(cur)
+                cur = []
+        cur += pending + [u]
+        pending, prev = [], u
+    stages.append(cur + pending)
+    st.stages = stages
+    return st
