@@ -11,7 +11,8 @@ On each model (`check_zoo_model`), against a reference meta forward run by the t
 2. the parameter the forward uses first (as an argument of a torch function) is in the first group, the one it
    uses last in the last group (a root `logit_scale` used at the end counts: it must not be frozen with the stem);
 3. groups follow the forward: along the order in which parameters are first used, the group index never
-   decreases;
+   decreases (on timm models, a parameter counts as used when the largest member of its timm `group_matcher`
+   group is: the splitter keeps timm's groups whole, and timm puts e.g. XCiT's `cls_token`, read late, in the stem);
 4. no block is cut. A *block* here is a module, other than the root and the plain containers (`Sequential`,
    `ModuleList`, `ModuleDict`), whose own forward merges several paths: while it is the innermost module running,
    an add / sub / mul / cat / stack takes two or more distinct *activations* (tensors computed from the input, not
@@ -127,6 +128,24 @@ def reference(model: nn.Module, x) -> dict:
     return {"used": [(n, params[n]) for _, n in used], "blocks": blocks}
 
 
+def _timm_order(model: nn.Module, used: list, coarse: bool) -> list:
+    """`used` (parameters in order of first use), where timm declares its own grouping (`group_matcher`), ordered
+    by the first use of the largest member of each parameter's timm group: the splitter keeps timm's groups whole,
+    and timm puts XCiT's `cls_token` (read after the blocks) with the stem, EfficientViM's per-stage norms (read
+    by the head only) and a RoPE's `freqs` (read by every block) with the head."""
+    if not (callable(getattr(model, "group_matcher", None)) and hasattr(model, "default_cfg")):
+        return used
+    from timm.models._manipulate import group_with_matcher
+    try:
+        lid = group_with_matcher(model.named_parameters(), model.group_matcher(coarse=coarse), reverse=True)
+    except Exception:
+        return used
+    anchor: dict = {}  # timm group -> (numel of its largest member, -rank of that member's first use)
+    for rank, (n, p) in enumerate(used):
+        anchor[lid.get(n)] = max(anchor.get(lid.get(n), (-1, 0)), (p.numel(), -rank))
+    return [u for _, u in sorted(enumerate(used), key=lambda iu: (-anchor[lid.get(iu[1][0])][1], iu[0]))]
+
+
 def check_zoo_model(key: str, model: nn.Module, x) -> None:
     "Split `model` cold at every granularity and check the invariants of the module docstring against `x`'s forward."
     ref = reference(model, x)
@@ -142,6 +161,7 @@ def check_zoo_model(key: str, model: nn.Module, x) -> None:
         assert used[0][1] == 0, f"{key} {g}: first used parameter {used[0][0]} in group {used[0][1]}"
         assert used[-1][1] == len(gs) - 1, \
             f"{key} {g}: last used parameter {used[-1][0]} in group {used[-1][1]} of {len(gs)}"
+        used = [(n, where[id(p)]) for n, p in _timm_order(model, ref["used"], coarse=g != "block")]
         back, top, top_name = [], 0, ""
         for n, i in used:
             if i < top:
@@ -325,6 +345,23 @@ def test_create_body_keeps_the_layer_before_a_head_declared_first():
     out = body(x)
     assert out.shape[:2] == (2, 64) and out.ndim == 4
     assert torch.allclose(out.relu(), ref.relu(), atol=1e-5) or torch.allclose(out, ref, atol=1e-5)
+
+
+class FcFirstUnused(FcFirst):
+    "The repro with a layer its forward never calls."
+
+    def __init__(s):
+        super().__init__()
+        s.spare = nn.Conv2d(64, 64, 1)
+
+
+def test_create_body_says_which_layers_it_drops():
+    model = FcFirstUnused()
+    with pytest.warns(UserWarning, match=r"create_body: spare of FcFirstUnused hold parameters"):
+        body = create_body(model, pretrained=False)
+    kept = {id(p) for p in body.parameters()}
+    assert not any(id(p) in kept for p in model.spare.parameters())
+    assert all(id(p) in kept for p in model.b2.parameters())
 
 
 class HeadFirstDict(nn.Module):
