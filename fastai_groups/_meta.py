@@ -295,7 +295,7 @@ def trace_inputs(model: nn.Module) -> list[tuple]:
 # is shape inference, but elementwise ops and norms run through Python decompositions, ~0.2-2 ms a call).
 _SAME_SHAPE = frozenset(
     "relu relu_ relu6 gelu gelu_ silu silu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_ hardsigmoid "
-    "hardsigmoid_ leaky_relu leaky_relu_ elu elu_ selu celu mish softplus hardtanh hardtanh_ prelu glu_ "
+    "hardsigmoid_ leaky_relu leaky_relu_ elu elu_ selu celu mish softplus hardtanh hardtanh_ prelu "
     "dropout dropout_ dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout batch_norm layer_norm "
     "group_norm instance_norm rms_norm local_response_norm normalize clamp clamp_ clip clip_ exp exp_ sqrt "
     "rsqrt neg abs erf erf_ sin cos log log_ pow pow_ __pow__ square softmax log_softmax contiguous clone "
@@ -519,7 +519,8 @@ def _identity_forward(x, *args, **kwargs):
 def meta_trace(model: nn.Module) -> Trace:
     """The forward of `model` on meta tensors, recorded (`Trace`). One forward in the common case; another input
     only when the first failed on a shape (the first weight layer called tells what it accepts; then other image
-    sizes); one more without the fast stand-ins when those may be the cause. The furthest attempt wins."""
+    sizes); one more without the fast stand-ins when those may be the cause (`_stand_in_error`). The furthest
+    attempt wins."""
     sizes = trace_inputs(model)
     tried, best = set(), None
 
@@ -543,6 +544,13 @@ def meta_trace(model: nn.Module) -> Trace:
         if nxt is None:
             break
         rec, retries = attempt(*nxt), retries + 1
-    if best.how != "complete" and best.error is not None and "meta" not in str(best.error).lower():
+    if best.how != "complete" and best.error is not None and _stand_in_error(best.error):
         attempt(best.size, best.dtype, fast=False)
     return best
+
+
+def _stand_in_error(e: BaseException) -> bool:
+    """Could the shape-only stand-ins have caused `e`? They keep every shape and dtype, so only a stride problem (a
+    `.view` of what should have been a fresh tensor) or an error that is not about shapes nor the meta device."""
+    msg = str(e).lower()
+    return any(w in msg for w in ("view", "stride", "contiguous")) or not _is_shape_error(e) and "meta" not in msg

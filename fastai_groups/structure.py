@@ -1,9 +1,13 @@
 """The structure of any CNN: stem, stages and head, from the module tree and one meta-device trace.
 
-The model is cut into *units*: containers are opened, blocks (residual, inverted-residual, transformer, dense
-layers, ...) are kept whole. A forward pass on meta tensors (no memory, no data) gives the forward order of the
-units and the resolution of their outputs: a block that changes the resolution opens a new stage. Units after the
-last feature map form the head. `find_structure(model)` returns a `Structure`; the splitters build groups from it.
+The model is cut into *units*: containers and whole models are opened, blocks (residual, inverted-residual,
+transformer, dense layers, ...) are kept whole; a module whose own forward merges several paths (a residual add, a
+concat of branches: seen by the trace) is a block, never opened. One forward pass on meta tensors (no memory, no
+data; `_meta.meta_trace`) gives the forward order of the units (first call, or first use of their parameters: a
+root `logit_scale` read on the logits goes last) and the resolution of their outputs: a block that changes the
+resolution opens a new stage. Units after the last feature map form the head. When the trace stops early, the
+units it did not reach are placed by registration order (those registered before the input layer last), with a
+warning naming them. `find_structure(model)` returns a `Structure`; the splitters build groups from it.
 """
 from __future__ import annotations
 
@@ -159,15 +163,15 @@ def _place(units: list[Unit], rec: Trace) -> tuple[list[Unit], list[str]]:
             u.res = rec.res.get(id(u.module))
         u.executed = bool(first)
         u.order = min(first) if first else math.inf
-    keyed, last, k = [], -math.inf, 0
     partial = rec.how != "complete"
-    first_called = next((u for u in units if u.executed), None)
-    before_first, placed = [], []
+    ran = [(u.order, i) for i, u in enumerate(units) if u.executed and u.params]
+    anchor = min(ran)[1] if ran else None  # the first parametrised unit called: the input layer
+    keyed, last, k, before_first, placed = [], -math.inf, 0, [], []
     for i, u in enumerate(units):
         if u.executed:
             last, k = u.order, 0
             keyed.append(((u.order, 0, i), u))
-        elif partial and last == -math.inf and u.params:
+        elif partial and anchor is not None and i < anchor and u.params:
             before_first.append(u)
             keyed.append(((math.inf, 1, i), u))
         else:
@@ -177,13 +181,13 @@ def _place(units: list[Unit], rec: Trace) -> tuple[list[Unit], list[str]]:
                 placed.append(u)
     out = [u for _, u in sorted(keyed, key=lambda t: t[0])]
     notes = []
-    if partial and (placed or before_first):
-        if placed:
-            notes.append("placed after the module registered before them: " + ", ".join(u.name for u in placed))
-        if before_first:
-            notes.append(f"registered before {first_called.name if first_called else 'any module called'} (the "
-                         "first called), so put last, with the head: " + ", ".join(u.name or "<root>" for u in
-                                                                                  before_first))
+    if partial and anchor is None:
+        notes.append("none of its parametrised modules ran: all follow registration order")
+    elif partial and placed:
+        notes.append("placed after the module registered before them: " + ", ".join(u.name for u in placed))
+    if before_first:
+        notes.append(f"registered before {units[anchor].name or 'the root'} (the first one called), so put last, "
+                     "with the head: " + ", ".join(u.name or "<root>" for u in before_first))
     return out, notes
 
 
