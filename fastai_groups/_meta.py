@@ -286,7 +286,7 @@ def trace_inputs(model: nn.Module) -> list[tuple]:
     guess = accepted_input(first) if first is not None else None
     if guess is not None:
         sizes.append(guess)
-    sizes += [((chans, s, s), torch.float32) for s in (224, 299, 256, 384, 64, 32)]
+    sizes += [((chans, s, s), torch.float32) for s in (224, 227, 299, 256, 384, 64, 32)]
     return list(dict.fromkeys(sizes))
 
 
