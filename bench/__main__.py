@@ -1,7 +1,7 @@
 """`python -m bench [--quick] [--only NAME[,NAME]] [--out BENCHMARKS.md]`: ours against fastai, one process, one report.
 
 Sections (see each module's docstring for what exactly is compared): `splitter`, `summary`, `logger`, `lite0`,
-`frozen`, `gpu`. They run in the order splitter, summary, logger, frozen, gpu, lite0 (lite0 last: its optional
+`frozen`, `gpu`, `cli`. They run in the order cli, splitter, summary, logger, frozen, gpu, lite0 (lite0 last: its optional
 full Fashion-MNIST runs use whatever remains of the time budget) and are reported in the order above. A section
 that fails is reported with its error and the others still run; the exit status is 1 then.
 
@@ -21,7 +21,7 @@ import traceback
 from . import common
 from .common import SECTIONS, Context, Section, error_line, log, md_table
 
-RUN_ORDER = ("splitter", "summary", "logger", "frozen", "gpu", "lite0")
+RUN_ORDER = ("cli", "splitter", "summary", "logger", "frozen", "gpu", "lite0")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-SECTIONS = ("splitter", "summary", "logger", "lite0", "frozen", "gpu")
+SECTIONS = ("splitter", "summary", "logger", "lite0", "frozen", "gpu", "cli")
 
 
 # ----------------------------------------------------------------------------------------------------------------

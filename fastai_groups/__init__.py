@@ -56,6 +56,7 @@ _EXPORTS = {
     **dict.fromkeys(["GroupLearner", "group_learner"], "learner"),
     **dict.fromkeys(["GradualUnfreeze", "GroupLogger", "freeze_state", "notify_freeze_change"], "callbacks"),
     **dict.fromkeys(["GroupLRFinder", "group_lr_find", "slice_ratios"], "lr_find"),
+    **dict.fromkeys(["phase_names", "plot_compare", "plot_group_lr"], "plots"),
     **dict.fromkeys(["FastFrozenBody", "body_of"], "frozen"),
     **dict.fromkeys(["FeatureCache", "check_cacheable"], "cache"),
     **dict.fromkeys(["build_model", "lite0_state_dict", "load_state_dict", "model_stats"], "weights"),

@@ -149,3 +149,17 @@ def say(msg: str, quiet: bool = False) -> None:
     from fastai.torch_core import rank_distrib
     if not quiet and rank_distrib() == 0:
         print(msg)
+
+
+def fmt_bytes(n: float) -> str:
+    """`n` bytes in the largest unit that keeps a value >= 1 (B, KiB, MiB, GiB, TiB).
+
+    >>> fmt_bytes(0), fmt_bytes(1000), fmt_bytes(1536), fmt_bytes(3 * 2**30)
+    ('0 B', '1000 B', '1.5 KiB', '3.0 GiB')
+    """
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"

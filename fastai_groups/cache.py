@@ -6,16 +6,15 @@ inside a fit) from features computed once per item; `check_cacheable` says why s
 from __future__ import annotations
 
 import contextlib
-import random
+import os
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-import numpy as np
 import torch
 from fastai.callback.mixup import MixHandler
 from fastai.torch_core import get_random_states, set_random_states, to_device
 from torch import nn
 
-from ._utils import preserve_modes, say
+from ._utils import fmt_bytes, preserve_modes, say
 from .frozen import FastFrozenBody, GetBody
 
 __all__ = ["FeatureCache", "check_cacheable", "random_transforms"]
@@ -35,27 +34,116 @@ def _stochastic_modules(module: nn.Module) -> list[str]:
     return sorted(set(out))
 
 
-def random_transforms(dl) -> list[str]:
-    """Names of fastai random transforms (`RandTransform` with `p > 0`) that `dl` applies to the training set:
-    dataset transforms, item transforms (`after_item`), `before_batch` and batch transforms (`after_batch`).
-    Transforms that are not fastai `RandTransform`s cannot be seen here (see `FeatureCache`, which also compares two
-    draws of the same items).
+_FASTAI = ("fastai.", "fastcore.", "fasttransform.")
 
-    >>> from fastai.vision.all import Flip  # doctest: +SKIP
+
+def _pipelines(dl) -> list[tuple[str, Any]]:
+    "(where, pipeline) of every transform pipeline `dl` applies: dataset transforms, item, before / after batch."
+    pipes = [(f"dataset tfms[{i}]", getattr(tl, "tfms", None))
+             for i, tl in enumerate(getattr(getattr(dl, "dataset", None), "tls", None) or [])]
+    return pipes + [(nm, getattr(dl, nm, None)) for nm in ("after_item", "before_batch", "after_batch")]
+
+
+def _function_of(t) -> Optional[Callable]:
+    "The function a plain fastai `Transform(f)` wraps (`get_y=parent_label`, a lambda in `batch_tfms`), else None."
+    from fastai.data.core import Transform
+    if type(t) is not Transform:
+        return None
+    enc = getattr(t, "encodes", None)
+    return getattr(enc, "_f", None) or getattr(enc, "__wrapped__", None) or enc
+
+
+def _declared(t, declared: Sequence) -> bool:
+    "The user says `t` is deterministic: `deterministic = True` on its class or itself, or listed in `declared`."
+    types = tuple(d for d in declared if isinstance(d, type))
+    return getattr(t, "deterministic", None) is True or isinstance(t, types) or any(t is d for d in declared)
+
+
+def _resize_is_random(t, dl, k: int) -> Optional[str]:
+    """Why `Resize` `t` (at position `k` of `dl.after_item`) crops or pads at random on the training set, else None:
+    with method 'crop' / 'pad' it places the crop at random on items not at the target's aspect ratio, decided from
+    the items' sizes (fastai's own `Resize` on a point at either extreme of its random placement)."""
+    import copy
+    from fastai.vision.core import TensorPoint
+    if t.method == "squish":
+        return None
+    probe = copy.copy(t)                                 # never touch the user's transform
+    ds, before = dl.dataset, dl.after_item.fs[:k]
+    seen: set = set()
+    for i in range(len(ds)):
+        size, name = _item_size(ds, i, before)
+        if size is None:
+            return f"method={t.method!r} on items of unknown size"
+        if size in seen:
+            continue
+        seen.add(size)
+        outs = []
+        for pcts in ((0.0, 0.0), (1 - 1e-9, 1 - 1e-9)):
+            probe.pcts = pcts
+            outs.append(probe.encodes(TensorPoint(torch.tensor([[0.0, 0.0]]), img_size=size)))
+        if not torch.equal(*outs):
+            return (f"method={t.method!r} {t.method}s at random the images not at the target's aspect ratio, e.g. "
+                    f"{name} ({size[0]}x{size[1]}); use Resize(size, method='squish')")
+    return None
+
+
+def _item_size(ds, i: int, before: Sequence) -> tuple[Optional[tuple], str]:
+    "(width, height) of item `i` of `ds` where `Resize` gets it (after `before`), and a name for messages."
+    from PIL import Image
+    item = ds.items[i] if hasattr(ds, "items") and not before else None
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            with Image.open(item) as im:                  # reads the header only
+                return tuple(im.size), str(item)
+        except Exception:
+            pass
+    x = ds[i]
+    for t in before:
+        x = t(x, split_idx=0)
+    x = x[0] if isinstance(x, tuple) else x
+    size = getattr(x, "size", None)
+    return (tuple(size), f"item {i}") if isinstance(size, tuple) and len(size) == 2 else (None, f"item {i}")
+
+
+def _why_random(t, dl, where: str, k: int) -> Optional[str]:
+    "Why transform `t` (position `k` of pipeline `where` of `dl`) may be random on the training set, else None."
+    from fastai.vision.augment import RandTransform, Resize
+    if getattr(t, "split_idx", None) == 1:               # runs on the validation set only
+        return None
+    if isinstance(t, Resize) and where == "after_item":
+        return _resize_is_random(t, dl, k)
+    if isinstance(t, RandTransform):
+        return None if getattr(t, "p", 1) == 0 else "a fastai RandTransform, random on the training set"
+    f = _function_of(t)
+    if f is not None:                                    # a function: a getter in the dataset tfms, else unknown
+        if where.startswith("dataset") or getattr(f, "__module__", "").startswith(_FASTAI):
+            return None
+        return "a function not known to be deterministic"
+    if type(t).__module__.startswith(_FASTAI):           # fastai's other transforms draw nothing
+        return None
+    return "not known to be deterministic"
+
+
+def random_transforms(dl, deterministic: Sequence = ()) -> list[str]:
+    """`name: reason` of each transform `dl` applies to the training set that may be random, as `FeatureCache`
+    decides it from the pipeline (dataset transforms, `after_item`, `before_batch`, `after_batch`). Deterministic:
+    transforms that do not run on the training set (`split_idx == 1`), fastai `RandTransform`s with `p == 0`,
+    `Resize(method='squish')`, `Resize` crop / pad when every training image already has the target's aspect
+    ratio, fastai's other transforms, functions in the dataset transforms (getters such as `get_y`), and what the
+    user declares: `deterministic = True` on a transform's class or instance, or listed in `deterministic`
+    (classes or instances). Anything else may be random.
+
     >>> random_transforms(ImageDataLoaders.from_folder(path, batch_tfms=Flip()).train)  # doctest: +SKIP
-    ['Flip']
+    ['Flip (after_batch): a fastai RandTransform, random on the training set']
     """
-    from fastai.vision.augment import RandTransform
-    pipes = [getattr(dl, nm, None) for nm in ("after_item", "before_batch", "after_batch")]
-    ds = getattr(dl, "dataset", None)
-    for tl in getattr(ds, "tls", None) or []:
-        pipes.append(getattr(tl, "tfms", None))
-    names = []
-    for pipe in pipes:
-        for t in getattr(pipe, "fs", None) or []:
-            if isinstance(t, RandTransform) and getattr(t, "split_idx", 0) in (None, 0) and getattr(t, "p", 1) > 0:
-                names.append(type(t).__name__)
-    return list(dict.fromkeys(names))
+    out = []
+    for where, pipe in _pipelines(dl):
+        for k, t in enumerate(getattr(pipe, "fs", None) or []):
+            why = None if _declared(t, deterministic) else _why_random(t, dl, where, k)
+            if why is not None:
+                name = getattr(t, "name", None) if _function_of(t) is not None else type(t).__name__
+                out.append(f"{name} ({where}): {why}")
+    return list(dict.fromkeys(out))
 
 
 @contextlib.contextmanager
@@ -83,14 +171,14 @@ def _skip_forward(forward: Callable, x, *args, **kwargs):
 # ----------------------------------------------------------------------------------------------------------------
 # FeatureCache
 # ----------------------------------------------------------------------------------------------------------------
-def check_cacheable(dls, cbs: Sequence = ()) -> None:
-    """Raise a `ValueError` naming the cause when `FeatureCache` cannot cache `dls`: random augmentation of the
-    training set (fastai `RandTransform`s or any transform whose output differs between two draws of the same items,
-    seen by drawing a few items twice; the random states are left as they were), a `MixUp` / `CutMix` callback in
-    `cbs`, several inputs, a loader without batch size or on a non-indexed dataset.
+def check_cacheable(dls, cbs: Sequence = (), deterministic: Sequence = ()) -> None:
+    """Raise a `ValueError` naming the cause when `FeatureCache` cannot cache `dls`: a transform of the training set
+    that may be random (decided from the pipeline, see `random_transforms`; `deterministic`: transform classes or
+    instances the user declares deterministic), a `MixUp` / `CutMix` callback in `cbs`, several inputs, a loader
+    without batch size or on a non-indexed dataset.
 
     >>> check_cacheable(ImageDataLoaders.from_folder(path, batch_tfms=Flip()))  # doctest: +SKIP
-    ValueError: FeatureCache: dls.train applies random transforms (Flip): ...
+    ValueError: FeatureCache: dls.train applies transforms that may be random: Flip (after_batch): ...
     """
     pre = "FeatureCache: "
     if getattr(dls, "n_inp", 1) != 1:
@@ -103,13 +191,13 @@ def check_cacheable(dls, cbs: Sequence = ()) -> None:
         dl = getattr(dls, name)
         if not getattr(dl, "indexed", False) or getattr(dl, "bs", None) is None:
             raise ValueError(pre + f"dls.{name} must be an indexed (map-style) DataLoader with a batch size")
-    if _draws_differ(dls.train):
-        names = random_transforms(dls.train)
-        found = f" ({', '.join(names)})" if names else ""
-        raise ValueError(pre + f"dls.train applies random transforms{found}: two draws of the same items differ, "
-                         "and cached features would freeze one random view. Use deterministic data for the frozen "
-                         "phase (e.g. item_tfms=Resize(size, method='squish'), no batch_tfms augmentation), or train "
-                         "without the cache")
+    found = random_transforms(dls.train, deterministic)
+    if found:
+        raise ValueError(pre + f"dls.train applies transforms that may be random: {'; '.join(found)}. Cached "
+                         "features would freeze one random view: train the frozen phase without them (e.g. "
+                         "item_tfms=Resize(size, method='squish'), no batch_tfms augmentation) or without the cache; "
+                         "a transform that is deterministic can be declared: `deterministic = True` on its class, "
+                         "or FeatureCache(deterministic=[MyTransform])")
 
 
 class _Store:
@@ -120,7 +208,7 @@ class _Store:
 
     def describe(self) -> str:
         n = " + ".join(f"{len(f)} {k}" for k, (f, _) in self.parts.items())
-        return f"{n} items, {self.nbytes / 2**20:.1f} MiB"
+        return f"{n} items, {fmt_bytes(self.nbytes)}"
 
 
 class _CachedLoader:
@@ -180,15 +268,21 @@ class FeatureCache(FastFrozenBody):
     The cache is dropped as soon as a body parameter trains again (`unfreeze`, `freeze_to`, `GradualUnfreeze`:
     checked when an epoch starts and, cheaply, at each batch; mid-epoch, the rest of the epoch loads images), and
     rebuilt when the body's weights change in place (`learn.load`, an optimizer step: seen through the tensors'
-    version counters) or the datasets are replaced. Otherwise it lives across fits (a second frozen `fit` reuses it);
-    `clear()` frees it, and it is never pickled (`learn.export`). After changing the data's transforms in place, call
-    `clear()`.
+    version counters), the datasets are replaced, their items change (a list of files edited in place: the key
+    holds a hash of `dataset.items`) or a transform is added to / removed from their pipelines. Otherwise it lives
+    across fits (a second frozen `fit` reuses it); `clear()` frees it, and it is never pickled (`learn.export`).
+    After changing an item's file on disk, or a transform's settings in place, call `clear()`.
 
-    Refusals (`ValueError`, see `check_cacheable`): random augmentation of the training set (cached features would
-    freeze one random view: train the frozen phase with deterministic data, e.g. `Resize(size, method="squish")`
-    and no augmentation, or drop the cache; a `Resize` crop of images already at the right aspect is deterministic
-    and accepted), `MixUp` / `CutMix`, several inputs, a `torch.compile`d or `nn.DataParallel` model (the cache
-    swaps the body's forward per batch; `FastFrozenBody` works there).
+    Refusals (`ValueError`, see `check_cacheable`): a transform of the training set that may be random, decided
+    from the pipeline, not from samples (cached features would freeze one random view: train the frozen phase with
+    deterministic data, e.g. `Resize(size, method="squish")` and no augmentation, or drop the cache). Known to be
+    deterministic: fastai `RandTransform`s with `p=0` or that run on the validation set only, `Resize` with
+    `method="squish"` or on training images already at the target's aspect ratio (read from the files), fastai's
+    other transforms, functions in the dataset transforms (`get_x` / `get_y`). Any other transform is refused by
+    name until declared: `deterministic = True` as a class (or instance) attribute, or
+    `FeatureCache(deterministic=[MyTransform])`. Also refused: `MixUp` / `CutMix`, several inputs, a
+    `torch.compile`d or `nn.DataParallel` model (the cache swaps the body's forward per batch; `FastFrozenBody`
+    works there).
 
     Memory: features and targets of all items must fit in `max_bytes` (measured on the first batch). When they do
     not, a notice is printed and training continues without the cache on the fast frozen body (no autograd,
@@ -203,6 +297,8 @@ class FeatureCache(FastFrozenBody):
             `device="cpu"` to keep GPU memory free (batches are moved to the GPU as they are drawn).
         get_body: as in `FastFrozenBody`.
         verbose: print a line when the cache is built, dropped, or does not fit.
+        deterministic: transform classes or instances to treat as deterministic (your own, known not to draw
+            random numbers). Example: `deterministic=[MyCenterCrop]`.
 
     Example::
 
@@ -214,8 +310,9 @@ class FeatureCache(FastFrozenBody):
     order, run_valid, leads = FastFrozenBody.order, True, 1
 
     def __init__(self, max_bytes: int = 2 * 2**30, device: Any = None, get_body: Optional[GetBody] = None,
-                 verbose: bool = True):
+                 verbose: bool = True, deterministic: Sequence = ()):
         super().__init__(get_body=get_body, verbose=verbose)
+        self.deterministic = list(deterministic) if isinstance(deterministic, (list, tuple)) else [deterministic]
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
         self.max_bytes, self.device = int(max_bytes), device
@@ -312,11 +409,14 @@ class FeatureCache(FastFrozenBody):
         return self.on and self._serving and self.store is not None
 
     def _key(self) -> tuple:
-        "What the cached features depend on: the body's tensors (identity and in-place version) and the datasets."
+        """What the cached features depend on: the body's tensors (identity and in-place version), the datasets
+        (identity, length, their items: a list of files changed in place counts) and their transforms."""
         body = self._body
         tensors = tuple((id(t), t._version) for t in (*body.parameters(), *body.buffers()))
         dls = self.learn.dls
-        data = tuple((id(dl.dataset), len(dl.dataset)) for dl in (dls.train, dls.valid))
+        data = tuple((id(dl.dataset), len(dl.dataset), _items_key(dl.dataset),
+                      tuple(id(t) for _, pipe in _pipelines(dl) for t in getattr(pipe, "fs", None) or []))
+                     for dl in (dls.train, dls.valid))
         return id(body), tensors, data
 
     def _valid(self) -> bool:
@@ -334,7 +434,7 @@ class FeatureCache(FastFrozenBody):
         key = self._key()
         if self._too_big == key:
             return False
-        check_cacheable(self.learn.dls, self.learn.cbs)
+        check_cacheable(self.learn.dls, self.learn.cbs, self.deterministic)
         dls = self.learn.dls
         n = {name: len(getattr(dls, name).dataset) for name in ("train", "valid")}
         stoch = _stochastic_modules(self._body)
@@ -368,8 +468,8 @@ class FeatureCache(FastFrozenBody):
                 per_item = f[0].nbytes + sum(t[0].nbytes for t in b[1:] if isinstance(t, torch.Tensor))
                 need = per_item * n_all
                 if need > self.max_bytes:
-                    say(f"FeatureCache: the features need {need / 2**20:.1f} MiB ({n_all} items x {per_item:,} "
-                         f"bytes) > max_bytes = {self.max_bytes / 2**20:.1f} MiB; training without the cache, on "
+                    say(f"FeatureCache: the features need {fmt_bytes(need)} ({n_all} items x {per_item:,} "
+                         f"bytes) > max_bytes = {fmt_bytes(self.max_bytes)}; training without the cache, on "
                          "the fast frozen body. Raise max_bytes, or lower the image size, to cache", self._quiet)
                     return None
                 dev = torch.device(self.device) if self.device is not None else f.device
@@ -390,26 +490,23 @@ class FeatureCache(FastFrozenBody):
         return feats, ys, feats.nbytes + sum(y.nbytes for y in ys)
 
 
+def _items_key(ds) -> Any:
+    "A fingerprint of `ds.items` (files, rows): changes when the items are replaced, added or removed in place."
+    items = getattr(ds, "items", None)
+    if items is None:
+        return None
+    try:
+        if hasattr(items, "to_numpy"):                       # a DataFrame (from_df)
+            import pandas as pd
+            return id(items), len(items), int(pd.util.hash_pandas_object(items).sum())
+        return id(items), len(items), hash(tuple(items))
+    except TypeError:                                        # unhashable items: identity of each
+        return id(items), len(items), tuple(map(id, items))
+
+
 @contextlib.contextmanager
 def _inference_mode(module: nn.Module) -> Iterator[None]:
     "`module.eval()` inside, every submodule's own `training` flag restored after."
     with preserve_modes(module):
         module.eval()
         yield
-
-
-def _draws_differ(dl, n: int = 8) -> bool:
-    "Whether two draws of the first `n` training items (different seeds) differ: random transforms at work."
-    size = min(n, len(dl.dataset))
-    if size == 0:
-        return False
-    with _rng_preserved():
-        src = dl.new(shuffle=False, drop_last=False, bs=size)
-        draws = []
-        for seed in (1, 2):
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.manual_seed(seed)
-            b = src.one_batch()
-            draws.append([t.as_subclass(torch.Tensor) for t in b if isinstance(t, torch.Tensor)])
-    return any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(*draws))

@@ -17,7 +17,8 @@ every group (`lr_0`, `mom_1`, ...) but no freeze state, which is what `GroupLogg
 """
 from __future__ import annotations
 
-import math
+import csv
+import os
 import time
 from dataclasses import dataclass
 from numbers import Real
@@ -94,7 +95,8 @@ class GroupLogger(Callback):
     are fits 0 and 1), `group`, `name` (from a splitter that names its groups, such as `auto_splitter`, else
     `group{i}`), every numeric hyper of `learn.opt.hypers[i]` (`lr`, `mom`, `wd`, `sqr_mom`, `eps`, ...), `params`
     (parameter elements), `trainable` (elements that require grad) and `state` (`trainable`, `frozen`, or `partial`
-    for a frozen group whose BatchNorm stays trainable).
+    for a frozen group whose BatchNorm stays trainable). `learn.group_logger.epochs`: one row per epoch with
+    `learn.recorder`'s losses and metrics at its end (read once per epoch), used by `plot`.
 
     Values are read in `after_batch`, after every `before_batch` (where `ParamScheduler` sets them) and after the
     optimizer step: they are the values the step used. The freeze state comes from `requires_grad`, never from
@@ -104,9 +106,17 @@ class GroupLogger(Callback):
     `learn.summary()`, `get_preds`, `validate`; files are written on rank 0 only.
 
     Args:
-        fname: CSV file (relative to `learn.path`) the history is also written to, appended at each epoch end, at
-            the end of each fit and every `flush_secs` (30 s) within an epoch, so an interrupted run keeps its log.
+        fname: CSV file the history is also written to, appended at each epoch end, at the end of each fit and
+            every `flush_secs` (30 s) within an epoch, so an interrupted run keeps its log. A relative name is
+            taken under `learn.path` (the data folder, as fastai's `CSVLogger`); an absolute path (such as
+            `Path.cwd()/"groups.csv"`) as given. The freeze table's first line names the file. Checked before
+            training starts (folder created, file opened for append): an unwritable location raises `OSError`.
             Example: `GroupLogger("groups.csv")`.
+        append: an existing file is continued (the default): its rows are kept and the `iter` and `fit`
+            counters go on from its last row, so a new Learner (a new process, fastai's `load`) adds to the log;
+            columns that differ (another optimizer's hypers) are merged, the file rewritten with the union of
+            columns and every row. `append=False` starts a new file and refuses, with `FileExistsError` before
+            training, when one exists (nothing is deleted). Example: `GroupLogger("run2.csv", append=False)`.
         show_table: print a table of the groups (name, params, trainable, state, lr of the first step) at the
             start of each fit and whenever the freeze state changes within a fit, with a `body:` line when the
             fast frozen body or the feature cache is on. Example: `show_table=False`.
@@ -123,8 +133,11 @@ class GroupLogger(Callback):
     order, run_valid = ParamScheduler.order + 2, False
     flush_secs = 30.0  # within an epoch, the CSV file is appended at most this often (and at each epoch end)
 
-    def __init__(self, fname: Optional[str] = None, show_table: bool = True, scan_every_batch: bool = False):
+    def __init__(self, fname: Optional[str | os.PathLike] = None, show_table: bool = True,
+                 scan_every_batch: bool = False, append: bool = True):
         self.fname, self.show_table, self.scan_every_batch = fname, show_table, scan_every_batch
+        self.append, self._path = append, None   # _path: the CSV file, resolved and checked at the first fit
+        self._epochs: list = []        # (last iter, epoch, fit, metric names, values) at each epoch end
         self._records: list = []       # (iter, epoch, fit, layout index, hyper values of all groups, flattened)
         self._layouts: list = []       # _Layout, referenced by index from the records
         self._n_iter, self._n_fit = 0, 0
@@ -140,6 +153,8 @@ class GroupLogger(Callback):
         "Decide whether this is a real training run; the fit itself starts at its first `before_train`."
         self._reset_fit()
         self.run = _active(self)
+        if self.run and self.fname and rank_distrib() == 0 and self._resolve() != self._path:
+            self._bind()                 # first fit, or `learn.path` changed (e.g. after `load_learner`)
 
     def before_train(self):
         "Start a fit (`validate`/`get_preds` call `before_fit` too, but never `before_train`), re-read freeze state."
@@ -166,15 +181,22 @@ class GroupLogger(Callback):
             self._table_due = False
             if self.show_table and rank_distrib() == 0:
                 notes = [cb.freeze_note() for cb in self.learn.cbs if callable(getattr(cb, "freeze_note", None))]
-                print("\n".join([self.table(len(self._records) - 1)] + [f"body: {n}" for n in notes if n]))
+                # on its own line: fastai's console progress bar leaves the cursor at the end of its line
+                print("\n" + "\n".join([self.table(len(self._records) - 1)] + [f"body: {n}" for n in notes if n]))
         if self._extra:
             self._log_extra(lay)
         if self.fname and time.monotonic() - getattr(self, "_flushed", 0.0) > self.flush_secs:
             self.flush()  # long epochs: an interrupted run keeps all but the last `flush_secs` on disk
 
     def after_epoch(self):
-        "Append the new rows to the CSV file."
+        "Keep the epoch's losses and metrics (`learn.recorder`, plain floats), append the new rows to the CSV file."
         if self._in_fit:
+            rec = getattr(self.learn, "recorder", None)
+            vals = list(getattr(self.learn, "final_record", None) or ()) if rec is not None else []
+            names = list(rec.metric_names[1:1 + len(vals)]) if vals else []
+            keep = [(n, float(v)) for n, v in zip(names, vals) if _is_hyper(v)]
+            self._epochs.append((self._n_iter - 1, self.learn.epoch, self._fit_idx,
+                                 tuple(n for n, _ in keep), tuple(v for _, v in keep)))
             self.flush()
 
     def after_fit(self):
@@ -283,6 +305,16 @@ class GroupLogger(Callback):
         "All recorded rows: one per (training iteration, group), see the class docstring for the columns."
         return self._frame()
 
+    @property
+    def epochs(self) -> pd.DataFrame:
+        """One row per training epoch: `iter` (its last iteration), `epoch`, `fit`, and what `learn.recorder` had at
+        the epoch's end (`train_loss`, `valid_loss`, the metrics such as `accuracy`)."""
+        cols = ["iter", "epoch", "fit"]
+        for *_, names, _ in self._epochs:
+            cols += [n for n in names if n not in cols]
+        return pd.DataFrame([{"iter": i, "epoch": e, "fit": f, **dict(zip(ns, vs))}
+                             for i, e, f, ns, vs in self._epochs], columns=cols)
+
     def state_dict(self) -> dict:
         """The history and the counters as plain Python data (lists, ints, floats, str): what
         `GroupLearner.save` stores in a checkpoint, loadable with `torch.load(weights_only=True)`.
@@ -291,28 +323,76 @@ class GroupLogger(Callback):
         num = lambda v: None if v is None else float(v)
         return {"records": [[i, e, f, k, [num(v) for v in vals]] for i, e, f, k, vals in self._records],
                 "layouts": [{k: list(getattr(lay, k)) for k in _Layout.__dataclass_fields__} for lay in self._layouts],
-                "n_iter": self._n_iter, "n_fit": self._n_fit}
+                "n_iter": self._n_iter, "n_fit": self._n_fit,
+                "epochs": [[i, e, f, list(ns), list(vs)] for i, e, f, ns, vs in self._epochs]}
 
     def load_state_dict(self, state: dict) -> None:
         """Replace the history and the counters by `state` (from `state_dict`): the next fit continues its
-        iteration and fit numbers. The CSV file, if any, is rewritten from this history at the next flush."""
+        iteration and fit numbers. The CSV file, if any, is checked again at the next fit: an existing one is
+        continued (the rows of this history are taken to be in it already), a missing one written from this history."""
         self._layouts = [_Layout(**{k: tuple(v) for k, v in lay.items()}) for lay in state["layouts"]]
         self._records = [(int(i), int(e), int(f), int(k), tuple(vals)) for i, e, f, k, vals in state["records"]]
         self._n_iter, self._n_fit = int(state["n_iter"]), int(state["n_fit"])
-        self._written, self._csv_cols = 0, None
+        self._epochs = [(int(i), int(e), int(f), tuple(ns), tuple(vs)) for i, e, f, ns, vs in state.get("epochs", [])]
+        self._written, self._csv_cols, self._path = 0, None, None
+
+    def _resolve(self) -> Path:
+        return Path(self.learn.path, Path(self.fname).expanduser()).absolute()
+
+    def _bind(self):
+        """Resolve and check the CSV file before training: create its folder, open it for append, and continue an
+        existing file (counters from its last row) or refuse it (`append=False`). One line for each mistake."""
+        path = self._resolve()
+        fix = f"give GroupLogger a writable file, e.g. GroupLogger({str(Path.cwd() / path.name)!r})"
+        if path.is_dir():
+            raise IsADirectoryError(f"GroupLogger cannot write its CSV file {path}: it is a folder; {fix}")
+        existed = path.exists() and path.stat().st_size > 0
+        if existed and not self.append:
+            raise FileExistsError(f"GroupLogger: {path} already exists and append=False would start a new log; "
+                                  "nothing was changed: move or delete the file, pick another name, or use "
+                                  "append=True to continue it")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            created = not path.exists()
+            with open(path, "a"):
+                pass
+            if created:
+                path.unlink()                        # only a check: the file is written at the first flush
+        except OSError as e:
+            raise OSError(f"GroupLogger cannot write its CSV file {path}: {e.strerror or e}; {fix}") from None
+        self._path, self._csv_cols = path, None
+        if existed:
+            cols, last = _csv_tail(path)
+            if not {"iter", "fit"} <= set(cols):
+                raise ValueError(f"GroupLogger: {path} exists but is not a GroupLogger log (no iter and fit "
+                                 "columns); give another file name, or move that file away")
+            self._csv_cols, self._written = cols, len(self._records)  # rows held already come from that file
+            if last is not None:
+                self._n_iter = max(self._n_iter, int(float(last[cols.index("iter")])) + 1)
+                self._n_fit = max(self._n_fit, int(float(last[cols.index("fit")])) + 1)
 
     def flush(self):
-        "Write the rows not yet in the CSV file (rank 0 only); rewrites the file when its columns changed."
+        """Write the rows not yet in the CSV file (rank 0 only); when new columns appear (another optimizer's hypers)
+        the file is rewritten with all its rows and the union of the columns."""
         if not self.fname or rank_distrib() != 0 or self._written >= len(self._records):
             return
-        path = Path(self.learn.path) / self.fname
-        cols = self._columns()
-        if cols != self._csv_cols or not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if self._path is None:
+            self._bind()
+        path, cols = self._path, self._columns()
+        if self._csv_cols is None or not path.exists():
             self._frame().to_csv(path, index=False)
-        else:
-            self._frame(self._written).to_csv(path, mode="a", header=False, index=False)
-        self._written, self._csv_cols, self._flushed = len(self._records), cols, time.monotonic()
+            self._csv_cols = cols
+        elif set(cols) <= set(self._csv_cols):
+            self._frame(self._written).reindex(columns=self._csv_cols).to_csv(path, mode="a", header=False,
+                                                                             index=False)
+        else:       # new columns (another optimizer's hypers): rewrite with every row and the union of columns
+            cols = _union(self._csv_cols, cols)
+            tmp = path.with_name(path.name + ".tmp")
+            pd.concat([pd.read_csv(path), self._frame(self._written)], ignore_index=True).reindex(
+                columns=cols).to_csv(tmp, index=False)
+            os.replace(tmp, path)
+            self._csv_cols = cols
+        self._written, self._flushed = len(self._records), time.monotonic()
 
     def table(self, record: int = -1) -> str:
         "The groups at a recorded iteration (default: the last) as printed at the start of a fit."
@@ -321,7 +401,8 @@ class GroupLogger(Callback):
         nk = len(lay.keys)
         lrs = [dict(zip(lay.keys, vals[g * nk:(g + 1) * nk])).get("lr") for g in range(len(lay.names))]
         w = max([4] + [len(n) for n in lay.names])
-        lines = [f"GroupLogger: fit {fit}, epoch {ep}, iter {it}",
+        where = f", logging to {self._path}" if self.fname and self._path is not None else ""
+        lines = [f"GroupLogger: fit {fit}, epoch {ep}, iter {it}{where}",
                  f"{'group':>5}  {'name':<{w}}  {'params':>12}  {'trainable':>12}  {'state':<9}  {'lr':>9}"]
         for g, name in enumerate(lay.names):
             lr = f"{lrs[g]:.2e}" if lrs[g] is not None else "-"
@@ -330,75 +411,34 @@ class GroupLogger(Callback):
         return "\n".join(lines)
 
     def plot(self, figsize: Optional[tuple] = None):
-        """Per-group lr against iterations (log scale, dotted where the group is frozen) above a freeze map: one
-        band per group, white where it trains, hatched light grey where partial (BatchNorm only), grey where
-        frozen. Dashed vertical lines separate fits. Returns the matplotlib Figure.
+        """Per-group lr against iterations (log scale; solid where the group trains, dashed where partial, dotted
+        where frozen; a marker per group and labels at the line ends), each fit labelled by its phase (frozen /
+        unfrozen / gradual unfreezing), the validation metric of each epoch in a panel below it, and a freeze
+        map (`plots.plot_group_lr`, which also draws a saved CSV). Returns the matplotlib Figure.
 
         Example: `learn.group_logger.plot().savefig("group_lr.png", dpi=120)`."""
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch, Rectangle
-
-        df = self.history
-        if df.empty:
-            raise ValueError("GroupLogger has recorded nothing yet: train first")
-        n = int(df["group"].max()) + 1
-        names = df.drop_duplicates("group", keep="last").sort_values("group")["name"].tolist()
-        iters = np.sort(df["iter"].unique())
-        lr = df.pivot(index="iter", columns="group", values="lr").reindex(iters)
-        state = df.pivot(index="iter", columns="group", values="state").reindex(iters)
-        fits = df.drop_duplicates("fit")["iter"].tolist()[1:]
-
-        small = "small" if n <= 16 else "x-small"
-        fig, (ax, axm) = plt.subplots(2, 1, sharex=True, figsize=figsize or (11, 5 + 0.15 * n),
-                                      gridspec_kw=dict(height_ratios=[3, 0.6 + n / 8]))
-        cmap = plt.get_cmap("tab10" if n <= 10 else "viridis")
-        colors = [cmap(i) if n <= 10 else cmap(i / (n - 1)) for i in range(n)]
-        cuts = np.searchsorted(iters, fits)               # break the lines between fits
-        x = np.insert(iters.astype(float), cuts, np.nan)
-        for g in range(n):
-            y = lr[g].to_numpy(dtype=float)
-            frozen = (state[g] == FROZEN).to_numpy()
-            dotted = frozen.copy()                       # overlap one point so the two styles join
-            dotted[1:] |= frozen[:-1]
-            dotted[:-1] |= frozen[1:]
-            ax.plot(x, np.insert(np.where(frozen, np.nan, y), cuts, np.nan), color=colors[g], lw=1.6,
-                    label=f"{g}: {names[g]}")
-            if frozen.any():
-                ax.plot(x, np.insert(np.where(dotted, y, np.nan), cuts, np.nan), color=colors[g], lw=1, ls=":")
-            for st, style in ((PARTIAL, dict(facecolor="#e0e0e0", hatch="///", edgecolor="#8c8c8c")),
-                              (FROZEN, dict(facecolor="#9e9e9e", edgecolor="none"))):
-                for a, b in _runs((state[g] == st).to_numpy()):
-                    axm.add_patch(Rectangle((iters[a] - 0.5, g - 0.5), iters[b - 1] - iters[a] + 1, 1, lw=0, **style))
-        ax.set_yscale("log")
-        ax.set_ylabel("learning rate")
-        ax.set_title("Learning rate per parameter group (dotted: group frozen)")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=small, ncol=max(1, math.ceil(n / 16)),
-                  title="group", frameon=False)
-        axm.set_xlim(iters[0] - 0.5, iters[-1] + 0.5)
-        axm.set_ylim(n - 0.5, -0.5)
-        axm.set_yticks(range(n))
-        axm.set_yticklabels(names, fontsize=small)
-        axm.set_xlabel("iteration")
-        axm.set_title("freeze state", fontsize="medium")
-        axm.legend(handles=[Patch(facecolor="white", edgecolor="k", label=TRAINABLE),
-                            Patch(facecolor="#e0e0e0", edgecolor="#8c8c8c", hatch="///", label=PARTIAL),
-                            Patch(facecolor="#9e9e9e", edgecolor="k", label=FROZEN)],
-                   loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
-        for i, x0 in enumerate([iters[0]] + fits):
-            for a in (ax, axm):
-                if i:
-                    a.axvline(x0 - 0.5, color="k", ls="--", lw=0.8)
-            ax.annotate(f"fit {int(df.loc[df['iter'] == x0, 'fit'].iloc[0])}", (x0 - 0.5, 1.0),
-                        xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points",
-                        fontsize="small", color="0.3")
-        fig.tight_layout()
-        return fig
+        from .plots import plot_group_lr
+        return plot_group_lr(self.history, self.epochs, figsize)
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    "Half-open index ranges `[a, b)` where `mask` is True."
-    d = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
-    return list(zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)))
+def _union(a: list, b: list) -> list:
+    "Columns of two logs: the fixed ones first and last, the hypers of both in between."
+    fixed = (*_FIXED_HEAD, *_FIXED_TAIL)
+    keys = list(dict.fromkeys(c for c in [*a, *b] if c not in fixed))
+    return [*_FIXED_HEAD, *keys, *_FIXED_TAIL]
+
+
+def _csv_tail(path: Path) -> tuple[list, Optional[list]]:
+    "The header and the last row of a CSV file, reading only its two ends."
+    with open(path, newline="") as f:
+        cols = next(csv.reader([f.readline()]), [])
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        end = f.tell()
+        f.seek(max(0, end - 65536))
+        lines = [ln for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    last = next(csv.reader([lines[-1]]), None) if len(lines) > 1 or (lines and end > 65536) else None
+    return cols, last if last != cols else None
 
 
 class GradualUnfreeze(Callback):

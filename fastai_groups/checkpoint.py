@@ -2,7 +2,8 @@
 
 Beyond fastai's `{'model': ..., 'opt': ...}`, a checkpoint keeps the groups (names, sizes), the freeze state
 (`requires_grad` of every parameter, `opt.frozen_idx`) and the state of every callback that has `state_dict` /
-`load_state_dict` (the `GroupLogger` history). They ride in `state['opt']['fastai_groups']`, which fastai's
+`load_state_dict` (the `GroupLogger` history) and the random states (generators and loaders' shuffling, so that a
+resumed fit draws what the uninterrupted one drew). They ride in `state['opt']['fastai_groups']`, which fastai's
 `Optimizer.load_state_dict` ignores, so plain fastai loads these files too. (fastai's `save_model`/`load_model`
 are not used underneath: the extras must be inside the optimizer state they write, and the grouping must be
 checked before anything is loaded.) `GroupLearner.save`, `load` and `export` call these functions.
@@ -13,6 +14,7 @@ import warnings
 from typing import Any, Optional
 
 import torch
+from fastai.torch_core import num_distrib
 from torch import nn
 
 from ._utils import unwrap_model
@@ -35,6 +37,38 @@ def _torch_load(file, device=None, **kwargs):
         return torch.load(file, map_location=device, **kwargs)
 
 
+def _read_checkpoint(file, device=None, **kwargs):
+    """`_torch_load`, with one line naming `file` when it is empty, not a PyTorch file, or truncated / damaged
+    (torch says `EOFError` with no message, `IndexError`, or a zip error without the file name)."""
+    import os
+    import pickle
+    if not isinstance(file, (str, os.PathLike)) or not os.path.isfile(file):
+        return _torch_load(file, device, **kwargs)         # buffers, and torch's own error for a missing file
+    size = os.path.getsize(file)
+    if size == 0:
+        raise ValueError(f"{file} is empty (0 bytes), not a checkpoint: the save that wrote it did not finish; "
+                         "save again with learn.save, or load another file")
+    with open(file, "rb") as f:
+        head = f.read(16)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):   # torch.save: a zip archive (or, before torch 1.6, a pickle)
+        raise ValueError(f"{file} is not a PyTorch checkpoint (it starts with {head!r}); load a file written by "
+                         "learn.save or torch.save")
+    try:
+        return _torch_load(file, device, **kwargs)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):
+            raise ValueError(f"{file} is truncated or damaged ({size:,} bytes; torch cannot read it: "
+                             "UnpicklingError); save it again, or load an earlier checkpoint") from None
+        raise ValueError(f"{file} holds Python objects besides weights, which torch.load(weights_only=True) refuses "
+                         "(an export .pkl? read it with load_learner); if you trust the file, pass "
+                         "weights_only=False") from None
+    except (EOFError, RuntimeError, OSError, KeyError, IndexError, ValueError) as e:
+        if isinstance(e, RuntimeError) and not any(w in str(e) for w in ("PytorchStreamReader", "EOF", "corrupt")):
+            raise                                           # e.g. a CUDA file on a machine without CUDA
+        raise ValueError(f"{file} is truncated or damaged ({size:,} bytes; torch cannot read it: {type(e).__name__}); "
+                         "save it again, or load an earlier checkpoint") from None
+
+
 def _sizes(learn) -> list[list[int]]:
     "(tensors, elements) of each parameter group of `learn.opt`."
     return [[len(pg), sum(p.numel() for p in pg)] for pg in learn.opt.param_lists]
@@ -51,7 +85,48 @@ def _train_state(learn) -> dict:
     return {"names": learner_group_names(learn), "sizes": _sizes(learn),
             "requires_grad": [[bool(p.requires_grad) for p in pg] for pg in learn.opt.param_lists],
             "frozen_idx": int(getattr(learn.opt, "frozen_idx", 0)),
-            "callbacks": {name: cb.state_dict() for name, cb in _stateful(learn).items()}}
+            "callbacks": {name: cb.state_dict() for name, cb in _stateful(learn).items()},
+            "random": _random_state(learn)}
+
+
+def _loaders(learn) -> list:
+    "The fastai `DataLoader`s of `learn.dls` (each shuffles with its own `rng`)."
+    return [dl for dl in getattr(getattr(learn, "dls", None), "loaders", None) or [] if hasattr(dl, "rng")]
+
+
+def _random_state(learn) -> dict:
+    """Python's, numpy's, torch's (CPU and CUDA) generators (fastai's `get_random_states`) and the `rng` of each of
+    `learn.dls`' loaders (their shuffling), as plain data `torch.load(weights_only=True)` reads."""
+    from fastai.torch_core import get_random_states
+    st = get_random_states()
+    kind, keys, pos, has_gauss, gauss = st["numpy_state"]
+    return {"random": st["random_state"], "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+            "torch": st["torch_state"], "cuda": list(st["torch_cuda_state"]),
+            "loaders": [dl.rng.getstate() for dl in _loaders(learn)]}
+
+
+def _restore_random_state(learn, saved: dict) -> None:
+    """Put back the generators `_random_state` saved (fastai's `set_random_states`; cudnn flags kept as they are, the
+    CUDA states only on as many GPUs) and the loaders' `rng`s (when `learn.dls` has as many loaders)."""
+    import numpy as np
+    from fastai.torch_core import get_random_states, set_random_states
+    now = get_random_states()
+    kind, keys, pos, has_gauss, gauss = saved["numpy"]
+    cuda = saved["cuda"] if len(saved["cuda"]) == len(now["torch_cuda_state"]) else now["torch_cuda_state"]
+    cuda = [t.cpu() for t in cuda]                      # `load(device=...)` maps every tensor there
+    set_random_states(random_state=_tuples(saved["random"]),
+                      numpy_state=(kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss),
+                      torch_state=saved["torch"].cpu(), torch_cuda_state=cuda,
+                      torch_deterministic=now["torch_deterministic"], torch_benchmark=now["torch_benchmark"])
+    dls = _loaders(learn)
+    if len(dls) == len(saved["loaders"]):
+        for dl, st in zip(dls, saved["loaders"]):
+            dl.rng.setstate(_tuples(st))
+
+
+def _tuples(x):
+    "`random.setstate` needs tuples where a round trip may give lists."
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def _describe(names: list, sizes: list) -> str:
@@ -87,6 +162,8 @@ def _restore_train_state(learn, extra: dict) -> None:
     for name, cb in _stateful(learn).items():
         if saved.get(name) is not None:
             cb.load_state_dict(saved[name])
+    if extra.get("random") is not None and num_distrib() <= 1:   # DDP: each process keeps its own streams
+        _restore_random_state(learn, extra["random"])
 
 
 def save_checkpoint(learn, file, with_opt: bool = True, pickle_protocol: int = 2, **torch_save_kwargs) -> None:
@@ -109,7 +186,7 @@ def load_checkpoint(learn, file, device: Any = None, with_opt: bool = True, stri
     if learn.opt is None:
         learn.create_opt()
     distrib_barrier()
-    state = _torch_load(file, device, **torch_load_kwargs)
+    state = _read_checkpoint(file, device, **torch_load_kwargs)
     has_opt = isinstance(state, dict) and set(state) == {"model", "opt"}
     extra = state["opt"].pop(CKPT_KEY, None) if has_opt else None
     if with_opt and has_opt:

@@ -5,8 +5,11 @@
     fastai-groups finetune photos/ --arch timm:convnext_atto --no-pretrained --epochs 3
     fastai-groups compare --schedules fine_tune,gradual,two_groups,unfrozen
 
-Bad input (missing folder, fewer than 2 classes, unknown architecture, weights that cannot be found) is a
-one-line error and exit status 2.
+Bad input (missing folder, fewer than 2 classes, unknown architecture, weights that cannot be found, a batch
+size or image size that cannot train, an output folder that cannot be written) is a one-line error and exit
+status 2, checked before any training (`docs/errors.md` lists them all). A run writes into a fresh folder beside
+`--out` and moves it into place at the end: an interrupted or failed run leaves the previous results as they
+were. torch, fastai and timm are imported inside the commands, so `--help` and argument errors answer at once.
 """
 from __future__ import annotations
 
@@ -15,7 +18,11 @@ import contextlib
 import functools
 import io
 import json
+import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,6 +31,7 @@ __all__ = ["main", "make_dls", "SCHEDULES"]
 
 DEFAULT_ARCH = "tf_efficientnet_lite0"
 SCHEDULES = ("fine_tune", "gradual", "two_groups", "unfrozen")
+GRANULARITIES = ("stage", "fastai", "block")  # = splitters.GRANULARITIES, here so that --help needs no torch
 
 
 class UsageError(Exception):
@@ -31,13 +39,334 @@ class UsageError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Output folder: written beside --out, moved into place at the end
+# ----------------------------------------------------------------------------------------------------------------
+#: What the commands write into --out; a folder holding anything else is not replaced.
+ARTEFACTS = ("export.pkl", "group_log.csv", "group_lr.png", "confusion_matrix.png", "report.md", "results.json",
+             "compare.csv", "compare.md", "compare.png")
+
+
+def shown(p: Path) -> str:
+    "`p` relative to the working directory when it is below it, else as given."
+    try:
+        return str(Path(p).resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return str(p)
+
+
+def _foreign(folder: Path) -> list[str]:
+    "Entries of `folder` that no fastai-groups command writes."
+    return sorted(f.name for f in folder.iterdir() if not (f.is_file() and (
+        f.name in ARTEFACTS or (f.name.startswith("group_log_") and f.suffix == ".csv"))))
+
+
+class Staging:
+    """A fresh folder beside `out` that a run writes into; `publish()` moves it to `out` at the end, the results
+    already there (fastai-groups artefacts only) to `<out>.previous` (replacing an older `<out>.previous`, said
+    on the console). `check()` refuses, before anything is written, an `out` that is a file, lies under a file,
+    cannot be written or holds other files. Until `publish()`, `out` is untouched.
+
+    >>> st = Staging(Path("runs/finetune")); st.check(); st.open()  # doctest: +SKIP
+    """
+
+    def __init__(self, out: Path):
+        self.out = Path(out).expanduser().absolute()
+        self.previous = self.out.with_name(self.out.name + ".previous")
+        self.tmp: Optional[Path] = None
+        self.made: list[Path] = []   # parent folders created for the run (removed again if nothing is written)
+        self.started = False         # training has started: a failure keeps the partial folder
+
+    def check(self) -> None:
+        out, arg = self.out, shown(self.out)
+        for parent in [out, *out.parents]:
+            if parent.exists() and not parent.is_dir():
+                where = "is a file" if parent == out else f"lies under {shown(parent)}, which is a file"
+                raise UsageError(f"--out {arg} {where}, not a folder: give another --out")
+            if parent.exists():
+                break
+        parent = next(p for p in out.parents if p.exists())  # the staging folder is made beside out
+        try:  # a real attempt: permission bits say nothing to root, nor about read-only or special file systems
+            os.rmdir(tempfile.mkdtemp(prefix=".fastai-groups-probe-", dir=parent))
+        except OSError as e:
+            raise UsageError(f"--out {arg}: cannot write into {shown(parent)} ({e.strerror}): "
+                             "give another --out") from None
+        for folder, fix in ((out, "give another --out or an empty folder"),
+                            (self.previous, f"move {shown(self.previous)} away or give another --out")):
+            if folder.is_dir() and _foreign(folder):
+                names = _foreign(folder)
+                raise UsageError(f"{shown(folder)} holds files fastai-groups did not write ({', '.join(names[:3])}"
+                                 f"{', ...' if len(names) > 3 else ''}) and would be replaced: {fix}")
+
+    def open(self) -> Path:
+        "Create the parents of `out` and the staging folder `<out>.partial-XXXX`; return the latter."
+        missing = [p for p in [self.out.parent, *self.out.parent.parents] if not p.exists()]
+        try:
+            for p in reversed(missing):
+                p.mkdir()
+                self.made.append(p)
+            self.tmp = Path(tempfile.mkdtemp(prefix=self.out.name + ".partial-", dir=self.out.parent))
+            umask = os.umask(0)
+            os.umask(umask)
+            self.tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the results folder should not be
+        except OSError as e:
+            self.discard()
+            raise UsageError(f"--out {shown(self.out)}: cannot create it ({e.strerror}): give another --out") from None
+        return self.tmp
+
+    def publish(self) -> list[str]:
+        "Move the staging folder to `out` (the old `out` to `<out>.previous`); return what to tell the user."
+        notes = []
+        if self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
+        if self.out.exists():
+            if self.previous.exists():
+                shutil.rmtree(self.previous)  # fastai-groups artefacts only (check), the results before last
+                notes.append(f"removed the older {shown(self.previous)}")
+            self.out.rename(self.previous)
+            notes.append(f"previous results moved to {shown(self.previous)}")
+        self.tmp.rename(self.out)
+        self.tmp = None
+        return notes
+
+    def discard(self) -> None:
+        "Remove the staging folder (and created parents) of a run that stopped before training."
+        if self.tmp is not None and not _foreign(self.tmp):
+            shutil.rmtree(self.tmp)
+            self.tmp = None
+        for p in reversed(self.made):
+            with contextlib.suppress(OSError):
+                p.rmdir()  # only if still empty
+
+    def fail_note(self, always: bool = False) -> str:
+        """What a failed or interrupted run left: nothing (staging folder removed before training), or the
+        partial folder (kept once training started); `out` is untouched either way."""
+        if not self.started:
+            self.discard()
+        if not (self.started or always):
+            return ""
+        kept = f"; the partial run is in {shown(self.tmp)}" if self.tmp is not None else ""
+        return f" ({shown(self.out)} left as it was{kept})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Threads and checks before training
+# ----------------------------------------------------------------------------------------------------------------
+def _physical_cores() -> int:
+    try:
+        import psutil
+        cores = psutil.cpu_count(logical=False)
+    except ImportError:
+        cores = None
+    n = cores or os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        n = min(n, len(os.sched_getaffinity(0)))
+    return max(1, n)
+
+
+def pick_threads(threads: Optional[int]) -> tuple[int, str]:
+    """The number of CPU threads for torch and where it comes from: `--threads`, else `OMP_NUM_THREADS`, else
+    the physical cores this process may use minus the current 1-minute load average (at least 1), so that a
+    shared machine is not oversubscribed.
+
+    >>> pick_threads(3)
+    (3, '--threads')
+    """
+    if threads:
+        return threads, "--threads"
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS"
+    cores = _physical_cores()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, cores - round(load)), f"auto: {cores} physical cores minus load {load:.2f}"
+
+
+def _check_numbers(args) -> None:
+    "Numeric options, before anything is imported."
+    for name in ("epochs", "freeze_epochs", "size", "bs", "threads"):
+        v = getattr(args, name, None)
+        if name == "freeze_epochs" and v is not None and v < 0:
+            raise UsageError(f"--freeze-epochs must be >= 0, got {v}")
+        if name != "freeze_epochs" and v is not None and v < 1:
+            raise UsageError(f"--{name} must be positive, got {v}")
+    if hasattr(args, "bs") and args.bs < 2:
+        raise UsageError(f"--bs {args.bs}: the head's BatchNorm layers need at least 2 images per batch: "
+                         "use --bs 2 or more")
+    if hasattr(args, "size") and args.size < 2:
+        raise UsageError(f"--size {args.size}: fastai's Resize and augmentation need at least 2 pixels: "
+                         "use --size 32 or more")
+    if hasattr(args, "valid_pct") and not 0 < args.valid_pct < 1:
+        raise UsageError(f"--valid-pct must be between 0 and 1 (exclusive), got {args.valid_pct}")
+    if hasattr(args, "lr") and not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UsageError(f"--lr must be a positive finite number (default 2e-3), got {args.lr}")
+
+
+def _schedules(args) -> list[str]:
+    "The schedules of `compare --schedules`, checked."
+    schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    unknown = [s for s in schedules if s not in SCHEDULES]
+    if unknown or not schedules:
+        raise UsageError(f"unknown schedule(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(SCHEDULES)}")
+    return schedules
+
+
+def _check_data_arg(args) -> None:
+    "The data folder, given positionally or as --data (both: they must agree)."
+    if not hasattr(args, "data"):
+        return
+    if args.data is not None and args.path is not None and args.data.resolve() != args.path.resolve():
+        raise UsageError(f"two data folders given, {args.path} and --data {args.data}: give one")
+    args.path = args.path if args.path is not None else args.data
+    if args.path is not None and not args.path.exists():
+        raise UsageError(f"{args.path}: no such folder")
+
+
+def _check_folder(args) -> None:
+    """The data folder's layout and image counts, before torch and fastai are imported: the batch checks of
+    `_check_batches` from the counts (fastai's `RandomSplitter` puts `int(valid_pct * n)` images in valid)."""
+    from .data import _is_image, _subdirs, check_image_folder, product_sample
+    path = product_sample() if args.path is None else args.path
+    try:
+        args.folder_check = check_image_folder(path, warn=False)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        raise UsageError(str(e)) from None
+    bad = set(args.folder_check[1])
+    count = lambda d: sum(_is_image(f) and f not in bad for c in _subdirs(d) for f in c.iterdir())  # noqa: E731
+    if (path / "train").is_dir() and (path / "valid").is_dir():
+        n_train, n_valid = count(path / "train"), count(path / "valid")
+    else:
+        n = count(path)
+        n_valid = int(args.valid_pct * n)
+        n_train = n - n_valid
+    _check_batches(n_train, n_valid, n_train // args.bs, args)  # fastai drops the last incomplete batch
+
+
+def _check_batches(n_train: int, n_valid: int, n_batches: int, args) -> None:
+    "At least one full training batch and one validation image."
+    split = args.path is not None and (args.path / "train").is_dir() and (args.path / "valid").is_dir()
+    if n_valid == 0:
+        n = n_train + n_valid
+        fix = "put images into valid/" if split else \
+            f"use --valid-pct {math.ceil(100 / max(1, n)) / 100:g} or more"
+        raise UsageError(f"--valid-pct {args.valid_pct:g} leaves no validation image out of {n}: {fix}")
+    if n_train < 2:
+        raise UsageError(f"only {n_train} training image(s) (need at least 2): add images"
+                         + ("" if split else " or lower --valid-pct"))
+    if n_batches == 0:
+        raise UsageError(f"--bs {args.bs} is larger than the {n_train} training images (fastai drops the last "
+                         f"incomplete batch, so nothing would train): use --bs {n_train} or less")
+
+
+def _check_size(learn, args) -> None:
+    "A forward of the model at `--size` on the meta device (no memory, no compute): too small a size is an error."
+    import torch
+
+    from .splitters import on_meta
+
+    def fits(size: int) -> Optional[Exception]:
+        try:
+            with on_meta(learn.model), torch.no_grad():
+                learn.model(torch.empty(2, 3, size, size, device="meta"))
+        except Exception as e:
+            return e
+        return None
+
+    err = fits(args.size)
+    if err is None:
+        return
+    sizes = (8, 16, 32, 64, 128, 224, 256, 299, 384, 512)
+    ok = next((s for s in sizes if fits(s) is None), None)
+    why = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    fix = f"use --size {ok}, the smallest of {', '.join(map(str, sizes))} it accepts" if ok else \
+        "pick a size the model accepts"
+    raise UsageError(f"--size {args.size} does not fit {args.arch} ({why.rstrip('.')}): {fix}")
+
+
+def _epoch_log():
+    "A callback keeping every epoch's recorder values (fastai's Recorder forgets earlier fits) with its phase."
+    from fastai.callback.core import Callback
+
+    class EpochLog(Callback):
+        order = 51  # after the Recorder (50) has stored the epoch's values; learn.epoch_log
+        run_valid = False
+
+        def __init__(self):
+            self.rows, self.n_fits, self.new_fit, self.trained = [], 0, False, False
+
+        def before_fit(self):  # get_preds runs before_fit/after_epoch too, but never a training phase
+            self.new_fit = True
+
+        def after_train(self):
+            self.n_fits += self.new_fit
+            self.new_fit, self.trained = False, True
+
+        def after_epoch(self):
+            if not self.trained:
+                return
+            self.trained = False
+            rec = self.learn.recorder
+            vals = dict(zip(rec.metric_names[1:-1], rec.values[-1])) if rec.values else {}
+            n, frozen = len(self.opt.param_lists), self.opt.frozen_idx
+            phase = "unfrozen" if frozen == 0 else "frozen" if frozen >= n - 1 else \
+                f"partly frozen ({n - frozen} of {n} groups trainable)"
+            self.rows.append({"epoch": len(self.rows) + 1, "fit": self.n_fits - 1, "phase": phase,
+                              **{k: _finite(v) for k, v in vals.items()}})
+
+    return EpochLog()
+
+
+def _nan_stop():
+    "fastai's `TerminateOnNaNCallback`, remembering where the loss became NaN/inf and cancelling later fits too."
+    from fastai.callback.core import CancelFitException
+    from fastai.callback.tracker import TerminateOnNaNCallback
+
+    class NanStop(TerminateOnNaNCallback):  # learn.nan_stop
+        run_valid = False  # training losses only (get_preds(with_loss=True) gives one loss per item)
+
+        def __init__(self):
+            self.diverged = None  # the batch (1-based, within its epoch) whose loss was NaN or inf
+
+        def before_fit(self):
+            if self.diverged:
+                raise CancelFitException
+
+        def after_batch(self):
+            try:
+                super().after_batch()
+            except CancelFitException:
+                self.diverged = self.iter + 1
+                raise
+
+    return NanStop()
+
+
+def _diverged(learn, lr: float) -> Optional[str]:
+    "The one-line message for a run that `NanStop` stopped, else None."
+    if not learn.nan_stop.diverged:
+        return None
+    epoch, batch = len(learn.epoch_log.rows) + 1, learn.nan_stop.diverged
+    return (f"the training loss became NaN or infinite in epoch {epoch} (batch {batch}): training stopped; "
+            f"lower --lr (was {lr:g}, default 2e-3)")
+
+
+def _finite(x) -> Optional[float]:
+    "A float for results.json: None instead of NaN/inf (which JSON cannot hold)."
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------
 def make_dls(path: Optional[Path], size: int = 64, bs: int = 32, valid_pct: float = 0.2, seed: int = 42,
-             device=None, augment: bool = True):
+             device=None, augment: bool = True, folder_check: Optional[tuple] = None):
     """DataLoaders for a folder with one sub-folder per product (`valid_pct` random split, seeded), or with
     `train/` and `valid/` sub-folders; the bundled product sample when `path` is None. Unreadable images are
-    reported by name and skipped. Returns `(dls, path, unreadable)`.
+    reported by name and skipped. `folder_check`: `check_image_folder(path)`'s result when already computed.
+    Returns `(dls, path, unreadable)`.
 
     >>> dls, path, bad = make_dls(None, size=32, bs=16)  # doctest: +SKIP
     """
@@ -47,7 +376,7 @@ def make_dls(path: Optional[Path], size: int = 64, bs: int = 32, valid_pct: floa
     from .data import check_image_folder, product_sample
     path = product_sample() if path is None else Path(path)
     try:
-        classes, unreadable = check_image_folder(path, warn=False)
+        classes, unreadable = folder_check or check_image_folder(path, warn=False)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         raise UsageError(str(e)) from None
     for f in unreadable:
@@ -83,7 +412,8 @@ def _learner(dls, args, splitter=None, fname: Optional[str] = "group_log.csv", c
     try:
         learn = group_learner(dls, args.arch, pretrained=args.pretrained, weights=args.weights,
                               splitter=splitter or functools.partial(auto_splitter, granularity=args.granularity),
-                              metrics=[error_rate, accuracy], cbs=[GroupLogger(fname=fname), *cbs],
+                              metrics=[error_rate, accuracy],
+                              cbs=[GroupLogger(fname=fname), _epoch_log(), _nan_stop(), *cbs],
                               path=args.out, model_dir=".")
     except (ValueError, RuntimeError, ImportError, FileNotFoundError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
@@ -118,19 +448,22 @@ def run_schedule(learn, schedule: str, epochs: int, freeze_epochs: int, lr: floa
 
 
 def _results(learn) -> dict:
-    vals = learn.recorder.values
-    names = learn.recorder.metric_names[1:-1]  # without 'epoch' and 'time'
-    last = dict(zip(names, vals[-1])) if vals else {}
-    return {"accuracy": float(last.get("accuracy", float("nan"))),
-            "error_rate": float(last.get("error_rate", float("nan"))),
-            "valid_loss": float(last.get("valid_loss", float("nan"))),
-            "accuracy_per_epoch": [float(dict(zip(names, v)).get("accuracy", float("nan"))) for v in vals]}
+    "The last epoch's metrics and every epoch's (all fits, with phase names); None where a value is NaN."
+    rows = learn.epoch_log.rows
+    last = rows[-1] if rows else {}
+    return {"accuracy": last.get("accuracy"), "error_rate": last.get("error_rate"),
+            "valid_loss": last.get("valid_loss"), "accuracy_per_epoch": [r.get("accuracy") for r in rows],
+            "epochs": rows}
+
+
+def _fmt(x, spec: str = ".4f") -> str:
+    return "n/a" if x is None else format(x, spec)
 
 
 def _groups_table(learn) -> str:
-    from .splitters import group_names
-    groups = learn.splitter(learn.model)
-    names = group_names(groups)
+    "The optimizer's groups with the names recorded on the learner (the splitter is not run again)."
+    from .splitters import learner_group_names
+    groups, names = learn.opt.param_lists, learner_group_names(learn)
     rows = ["| group | name | parameters | trainable now |", "|---|---|---:|---:|"]
     for i, (n, ps) in enumerate(zip(names, groups)):
         rows.append(f"| {i} | {n} | {sum(p.numel() for p in ps):,} | "
@@ -152,36 +485,67 @@ def cmd_summary(args) -> None:
         raise UsageError(str(e)) from None
 
 
-def cmd_finetune(args) -> None:
+def _data_name(path: Path, given: Optional[Path]) -> str:
+    "The data folder for report.md: by name for the bundled sample, relative to the working directory, else its name."
+    if given is None:
+        return "the bundled product sample (`fastai_groups.product_sample()`)"
+    rel = shown(path)
+    return f"`{rel}`" if not Path(rel).is_absolute() else f"`{path.name}`"
+
+
+def _epoch_table(rows: list) -> str:
+    lines = ["| epoch | phase | train loss | valid loss | accuracy |", "|---:|---|---:|---:|---:|"]
+    lines += [f"| {r['epoch']} | {r['phase']} | {_fmt(r.get('train_loss'))} | {_fmt(r.get('valid_loss'))} | "
+              f"{_fmt(r.get('accuracy'))} |" for r in rows]
+    return "\n".join(lines)
+
+
+def _start(args) -> None:
+    "Threads (torch.set_num_threads, see `pick_threads`) and the seed."
+    import torch
+    from fastai.vision.all import set_seed
+    torch.set_num_threads(args.threads_used[0])
+    set_seed(args.seed, reproducible=True)
+
+
+def cmd_finetune(args) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
-    from fastai.vision.all import ClassificationInterpretation, set_seed
+    from fastai.vision.all import ClassificationInterpretation
 
-    out = Path(args.out).resolve()  # learn.path is out: a relative out would be joined twice
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.stage.tmp  # learn.path is the staging folder while training, --out once exported
     device = _device(args.cpu)
-    set_seed(args.seed, reproducible=True)
+    _start(args)
     t0 = time.perf_counter()
-    dls, path, unreadable = make_dls(args.path, args.size, args.bs, args.valid_pct, args.seed, device)
+    dls, path, unreadable = make_dls(args.path, args.size, args.bs, args.valid_pct, args.seed, device,
+                                     folder_check=args.folder_check)
+    _check_batches(len(dls.train_ds), len(dls.valid_ds), len(dls.train), args)  # as fastai counts
     args.out = out
     learn = _learner(dls, args)
+    _check_size(learn, args)
     t_data = time.perf_counter() - t0
-    print(f"data: {path} ({len(dls.train_ds)} train, {len(dls.valid_ds)} valid, {len(dls.vocab)} classes); "
-          f"model: {args.arch}; device: {device}")
+    name = _data_name(path, args.path).replace("`", "")
+    print(f"data: {name} ({len(dls.train_ds)} train, {len(dls.valid_ds)} valid, "
+          f"{len(dls.vocab)} classes); model: {args.arch}; device: {device}; threads: {args.threads_used[0]}")
     t1 = time.perf_counter()
+    args.stage.started = True
     if args.freeze_epochs:
         learn.fine_tune(args.epochs, base_lr=args.lr, freeze_epochs=args.freeze_epochs)
     else:  # fine_tune's second phase only
         learn.unfreeze()
         learn.fit_one_cycle(args.epochs, slice(args.lr / 200, args.lr / 2))
     t_train = time.perf_counter() - t1
+    diverged = _diverged(learn, args.lr)
+    if diverged:
+        raise UsageError(diverged)
     res = _results(learn)
 
+    learn.path = args.stage.out  # what the exported learner remembers: the final folder, not the staging one
     learn.export(out / "export.pkl")
     fig = learn.group_logger.plot()
     fig.savefig(out / "group_lr.png", dpi=100, bbox_inches="tight")
-    interp = ClassificationInterpretation.from_learner(learn)
-    interp.plot_confusion_matrix(figsize=(7, 7))
+    with learn.no_bar():  # no extra validation progress bars (two get_preds) after the training table
+        ClassificationInterpretation.from_learner(learn).plot_confusion_matrix(figsize=(7, 7))
     import matplotlib.pyplot as plt
     plt.gcf().savefig(out / "confusion_matrix.png", dpi=100, bbox_inches="tight")
     plt.close("all")
@@ -193,10 +557,12 @@ def cmd_finetune(args) -> None:
     else:
         schedule = (f"no frozen epoch: all groups trainable, `fit_one_cycle({args.epochs}, "
                     f"slice({args.lr / 200:g}, {args.lr / 2:g}))` (fine_tune's second phase).")
+    threads, why = args.threads_used
+    load = " / ".join(f"{x:.2f}" for x in args.load_at_start) if args.load_at_start else "n/a"
     report = f"""# fastai-groups fine-tune report
 
 ## Data
-- folder: `{path}` ({len(dls.vocab)} classes: {', '.join(map(str, dls.vocab))})
+- folder: {_data_name(path, args.path)} ({len(dls.vocab)} classes: {', '.join(map(str, dls.vocab))})
 - {len(dls.train_ds)} training and {len(dls.valid_ds)} validation images, {args.size} px, batch size {args.bs}
 - unreadable images skipped: {len(unreadable)}
 
@@ -212,21 +578,25 @@ def cmd_finetune(args) -> None:
 Per-group learning rates and freeze state, batch by batch: `group_log.csv`, `group_lr.png`.
 
 ## Results
-- accuracy: {res['accuracy']:.4f}, error rate: {res['error_rate']:.4f}, validation loss: {res['valid_loss']:.4f}
-- validation accuracy per epoch: {', '.join(f'{a:.4f}' for a in res['accuracy_per_epoch'])}
-- confusion matrix: `confusion_matrix.png`; exported learner: `export.pkl`
+- accuracy: {_fmt(res['accuracy'])}, error rate: {_fmt(res['error_rate'])}, validation loss: {_fmt(res['valid_loss'])}
+- confusion matrix: `confusion_matrix.png`; exported learner: `export.pkl`; these figures: `results.json`
+
+{_epoch_table(res['epochs'])}
 
 ## Timings
 - data and model set-up: {t_data:.1f} s
 - training: {t_train:.1f} s for {n_epochs} epochs ({t_train / max(1, n_epochs):.1f} s per epoch)
+- torch threads: {threads} ({why}); load average at start (1/5/15 min): {load}
 """
     (out / "report.md").write_text(report)
-    (out / "results.json").write_text(json.dumps({**res, "train_seconds": t_train, "arch": args.arch}, indent=1))
-    print(f"accuracy {res['accuracy']:.4f}, error rate {res['error_rate']:.4f}, training {t_train:.1f} s")
-    print(f"wrote {out}/: export.pkl, group_log.csv, group_lr.png, confusion_matrix.png, report.md")
+    results = {**res, "train_seconds": t_train, "arch": args.arch, "threads": threads,
+               "load_average_at_start": list(args.load_at_start or [])}
+    (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False))
+    print(f"accuracy {_fmt(res['accuracy'])}, error rate {_fmt(res['error_rate'])}, training {t_train:.1f} s")
+    return ["export.pkl", "group_log.csv", "group_lr.png", "confusion_matrix.png", "report.md", "results.json"]
 
 
-def cmd_compare(args) -> None:
+def cmd_compare(args) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -235,20 +605,21 @@ def cmd_compare(args) -> None:
     from fastai.vision.all import set_seed
 
     from .splitters import auto_splitter
-    out = Path(args.out).resolve()  # learn.path is out: a relative out would be joined twice
-    out.mkdir(parents=True, exist_ok=True)
-    args.out = out
-    schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
-    unknown = [s for s in schedules if s not in SCHEDULES]
-    if unknown or not schedules:
-        raise UsageError(f"unknown schedule(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(SCHEDULES)}")
+    schedules = _schedules(args)
+    out = args.out = args.stage.tmp
     device = _device(args.cpu)
-    dls, path, _ = make_dls(args.path, args.size, args.bs, args.valid_pct, args.seed, device)
+    _start(args)
+    dls, path, _ = make_dls(args.path, args.size, args.bs, args.valid_pct, args.seed, device,
+                            folder_check=args.folder_check)
+    _check_batches(len(dls.train_ds), len(dls.valid_ds), len(dls.train), args)  # as fastai counts
     rows, curves = [], {}
     for s in schedules:
         set_seed(args.seed, reproducible=True)
         splitter = functools.partial(auto_splitter, n_groups=2) if s == "two_groups" else None
         learn = _learner(dls, args, splitter=splitter, fname=f"group_log_{s}.csv")
+        if not rows:
+            _check_size(learn, args)
+            args.stage.started = True
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
@@ -257,27 +628,31 @@ def cmd_compare(args) -> None:
         dt = time.perf_counter() - t
         res = _results(learn)
         n_epochs = args.freeze_epochs + args.epochs
-        row = {"schedule": s, "groups": len(learn.opt.param_lists), "accuracy": round(res["accuracy"], 4),
-               "error_rate": round(res["error_rate"], 4), "s_per_epoch": round(dt / n_epochs, 2)}
+        diverged = _diverged(learn, args.lr)
+        rnd = lambda x: None if x is None or diverged else round(x, 4)  # noqa: E731
+        row = {"schedule": s, "groups": len(learn.opt.param_lists), "accuracy": rnd(res["accuracy"]),
+               "error_rate": rnd(res["error_rate"]), "s_per_epoch": round(dt / n_epochs, 2)}
         if device.type == "cuda":
             row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
         rows.append(row)
-        curves[s] = res["accuracy_per_epoch"]
-        print(f"{s}: accuracy {row['accuracy']:.4f} ({row['s_per_epoch']} s/epoch)")
+        if diverged:
+            row["note"] = "diverged (loss NaN)"
+            print(f"{s}: {diverged}", file=sys.stderr)
+            continue
+        curves[s] = [math.nan if a is None else a for a in res["accuracy_per_epoch"]]
+        print(f"{s}: accuracy {_fmt(row['accuracy'])} ({row['s_per_epoch']} s/epoch)")
     table = pd.DataFrame(rows)
     table.to_csv(out / "compare.csv", index=False)
     md = table.to_markdown(index=False) if _has_tabulate() else _markdown(table)
-    (out / "compare.md").write_text(f"# Freeze/unfreeze schedules on `{path}` ({args.arch}, {args.size} px, "
-                                    f"{args.freeze_epochs}+{args.epochs} epochs, seed {args.seed})\n\n{md}\n")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for s, acc in curves.items():
-        ax.plot(range(1, len(acc) + 1), acc, marker="o", label=s)
-    ax.set_xlabel("epoch"), ax.set_ylabel("validation accuracy"), ax.legend(), ax.grid(alpha=0.3)
-    ax.set_title(f"{args.arch} on {path.name}")
+    (out / "compare.md").write_text(f"# Freeze/unfreeze schedules on {_data_name(path, args.path)} ({args.arch}, "
+                                    f"{args.size} px, {args.freeze_epochs}+{args.epochs} epochs, seed {args.seed})"
+                                    f"\n\n{md}\n")
+    from .plots import plot_compare
+    fig = plot_compare(curves, args.freeze_epochs, f"{args.arch} on {path.name}")
     fig.savefig(out / "compare.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     print(md)
-    print(f"wrote {out}/: compare.csv, compare.md, compare.png")
+    return ["compare.csv", "compare.md", "compare.png"]
 
 
 def _has_tabulate() -> bool:
@@ -317,12 +692,18 @@ def _train_options(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="base learning rate of the head (default 2e-3)")
     p.add_argument("--valid-pct", type=float, default=0.2, help="validation share without train/valid (0.2)")
     p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
-    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+    p.add_argument("--data", type=Path, default=None, help="the data folder, as an option (same as the positional "
+                   "folder)")
+    p.add_argument("--out", default=out, help=f"output folder (default {out}); the run writes into "
+                   "<out>.partial-XXXX and moves it to <out> at the end; results already in <out> are moved to "
+                   "<out>.previous (an older <out>.previous is removed); an interrupted or failed run leaves <out> "
+                   "as it was")
     p.add_argument("--cpu", action="store_true", help="use the CPU even when a GPU is present")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: OMP_NUM_THREADS, "
+                   "else physical cores minus the load average, at least 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .splitters import GRANULARITIES
     parser = _Parser(prog="fastai-groups", description="Fine-tune image classifiers with discriminative "
                      "learning rates on automatically found parameter groups.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -352,29 +733,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _end_bar(stage: Optional[Staging]) -> None:
+    "End the line of a progress bar cut short, so that the message starts on its own line."
+    if stage is not None and stage.started:
+        print(flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     "Entry point of the `fastai-groups` console script."
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    args = build_parser().parse_args(argv)
+    stage = None
     try:
-        for name in ("epochs", "freeze_epochs", "size", "bs"):
-            if getattr(args, name, 1) is not None and getattr(args, name, 1) < (0 if name == "freeze_epochs" else 1):
-                raise UsageError(f"--{name.replace('_', '-')} must be positive")
-        if hasattr(args, "valid_pct") and not 0 < args.valid_pct < 1:
-            raise UsageError(f"--valid-pct must be between 0 and 1 (exclusive), got {args.valid_pct}")
-        if hasattr(args, "lr") and not args.lr > 0:
-            raise UsageError(f"--lr must be positive, got {args.lr}")
-        if getattr(args, "path", None) is not None and not args.path.exists():
-            raise UsageError(f"{args.path}: no such folder")
-        args.func(args)
+        args = build_parser().parse_args(argv)
+        _check_numbers(args)
+        _check_data_arg(args)
+        if hasattr(args, "schedules"):
+            _schedules(args)
+        if hasattr(args, "out"):  # a training command: check --out, then write beside it
+            args.threads_used = pick_threads(args.threads)
+            args.load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+            stage = Staging(Path(args.out))
+            stage.check()
+            _check_folder(args)
+            args.stage = stage
+            stage.open()
+        written = args.func(args)
+        if stage is not None:
+            for note in stage.publish():
+                print(note)
+            print(f"wrote {shown(stage.out)}/: {', '.join(written)}")
     except UsageError as e:
-        print(f"fastai-groups: error: {e}", file=sys.stderr)
+        _end_bar(stage)
+        print(f"fastai-groups: error: {e}{stage.fail_note() if stage else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fastai-groups: interrupted", file=sys.stderr)
+        _end_bar(stage)
+        print(f"fastai-groups: interrupted{stage.fail_note(always=True) if stage else ''}", file=sys.stderr)
         return 130
+    except BaseException:
+        if stage is not None:  # a bug: the traceback follows, after where the partial run is
+            print(f"fastai-groups: failed{stage.fail_note(always=True)}", file=sys.stderr)
+        raise
     return 0
 
 

@@ -20,7 +20,7 @@ import mimetypes
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -207,16 +207,20 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith((".", "_")))
 
 
-def _readable(p: Path) -> bool:
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")   # PIL modes of 16- / 32-bit greyscale images
+
+
+def _mode(p: Path) -> Optional[str]:
+    "PIL's mode of image `p` (e.g. 'RGB', 'I;16'); None when PIL cannot read it."
     from PIL import Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(p) as im:
                 im.load()
-        return True
+                return im.mode
     except Exception:
-        return False
+        return None
 
 
 def _one_line(items: Sequence[str], limit: int = 5) -> str:
@@ -232,7 +236,8 @@ def check_image_folder(path: PathLike, warn: bool = True) -> tuple[list[str], li
     `from_folder(path, valid_pct=0.2)`. Images sit directly in their class folder; folders whose name
     starts with `.` or `_` are skipped. Raises `ValueError` (one line) for a missing path, fewer than two class
     folders with images, class folders without readable images (named), or valid classes absent from train.
-    Files PIL cannot open are returned, and reported with a warning when `warn`.
+    Files PIL cannot open are returned, and reported with a warning when `warn`; so are (with a warning only)
+    16- / 32-bit greyscale images, which fastai's RGB conversion clips to a handful of grey levels.
 
     >>> classes, bad = check_image_folder(product_sample())  # doctest: +SKIP
     >>> classes[:3], bad  # doctest: +SKIP
@@ -240,7 +245,7 @@ def check_image_folder(path: PathLike, warn: bool = True) -> tuple[list[str], li
     """
     root = Path(path).expanduser()
     if not root.exists():
-        raise ValueError(f"{root}: no such folder")
+        raise ValueError(f"{root}: no such folder; pass the folder that holds the class sub-folders")
     if not root.is_dir():
         raise ValueError(f"{root} is a file, not a folder of class sub-folders")
     split_layout = (root / "train").is_dir()
@@ -248,18 +253,22 @@ def check_image_folder(path: PathLike, warn: bool = True) -> tuple[list[str], li
     per_split: dict[Path, list[str]] = {}
     bad: list[Path] = []
     empty: list[str] = []
+    wide: list[Path] = []
     for split in splits:
         per_split[split] = []
         for cls in _subdirs(split):
             images = sorted(p for p in cls.iterdir() if _is_image(p))
-            unreadable = [p for p in images if not _readable(p)]
+            modes = {p: _mode(p) for p in images}
+            unreadable = [p for p in images if modes[p] is None]
             bad += unreadable
+            wide += [p for p in images if modes[p] in _WIDE_MODES]
             if len(images) == len(unreadable):
                 empty.append(str(cls.relative_to(root)))
             else:
                 per_split[split].append(cls.name)
     if empty:
-        raise ValueError(f"{root}: class folder(s) without readable images: {_one_line(empty)}")
+        raise ValueError(f"{root}: class folder(s) without readable images: {_one_line(empty)}; add images or "
+                         "remove the folder(s)")
     train = per_split[splits[0]]
     if len(train) < 2:
         where = root / "train" if split_layout else root
@@ -269,8 +278,14 @@ def check_image_folder(path: PathLike, warn: bool = True) -> tuple[list[str], li
     if split_layout and len(splits) > 1:
         unknown = sorted(set(per_split[splits[1]]) - set(train))
         if unknown:
-            raise ValueError(f"{root / 'valid'}: class folder(s) missing from train/: {_one_line(unknown)}")
+            raise ValueError(f"{root / 'valid'}: class folder(s) missing from train/: {_one_line(unknown)}; add "
+                             "training images of these classes, or remove them from valid/")
     if bad and warn:
-        warnings.warn(f"{len(bad)} unreadable image file(s) in {root}: {_one_line([str(p) for p in bad])}",
+        warnings.warn(f"{len(bad)} unreadable image file(s) in {root}: {_one_line([str(p) for p in bad])}; "
+                      "remove or re-save them (fastai stops on them mid-epoch; the CLI skips them)", stacklevel=2)
+    if wide and warn:
+        names = _one_line([str(p) for p in wide], 3)
+        warnings.warn(f"{len(wide)} image(s) in {root} are 16- or 32-bit greyscale ({names}): fastai's conversion "
+                      "to RGB clips them to a handful of grey levels; convert them to 8-bit first (e.g. Image.fromarray((np.asarray(im) >> 8).astype(np.uint8)) for 16-bit PNGs)",
                       stacklevel=2)
     return sorted(train), bad

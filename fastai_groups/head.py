@@ -19,6 +19,7 @@ import numbers
 from typing import Any, Callable, Optional, Sequence, Union
 
 import fastai.layers as fl
+from fastcore.meta import delegates
 import torch
 from torch import nn
 
@@ -197,16 +198,17 @@ def join_head(body: nn.Module, n_out: int, n_in: int, init: Optional[Callable], 
     return nn.Sequential(body, head)
 
 
+@delegates(create_head, but=["nf", "n_out"])   # help(cnn_model) lists the head's options
 def cnn_model(arch: Any, n_out: int, pretrained: bool = False, weights: Any = None, cut: Cut = None, n_in: int = 3,
-              init: Optional[Callable] = nn.init.kaiming_normal_, **head_kwargs) -> nn.Sequential:
-    """`nn.Sequential(create_body(arch, ...), create_head(nf, n_out, **head_kwargs))`, fastai's
+              init: Optional[Callable] = nn.init.kaiming_normal_, **kwargs) -> nn.Sequential:
+    """`nn.Sequential(create_body(arch, ...), create_head(nf, n_out, **kwargs))`, fastai's
     `create_vision_model` for any architecture. `nf` is read from the body's output on the meta device (no
     memory, the body's training mode untouched); only the head is initialised, with `init` (fastai's
-    `apply_init`: Linear weights, zero biases; BatchNorms kept). `head_kwargs`: `create_head`'s arguments.
+    `apply_init`: Linear weights, zero biases; BatchNorms kept). `kwargs`: `create_head`'s arguments.
 
     >>> from torchvision.models import resnet50
     >>> sum(p.numel() for p in cnn_model(resnet50, 44).parameters())  # seed 003
     25637484
     """
     body, _, shape = build_body(arch, pretrained=pretrained, cut=cut, weights=weights, n_in=n_in)
-    return join_head(body, n_out, n_in, init, head_kwargs, shape)
+    return join_head(body, n_out, n_in, init, kwargs, shape)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 from fastai.learner import Learner
 from fastai.optimizer import Adam
+from fastcore.meta import delegates
 from torch import nn
 
 from .body import Cut, build_body
@@ -20,7 +21,7 @@ from .callbacks import GroupLogger
 from .checkpoint import export_state, load_checkpoint, restore_export, save_checkpoint
 from .frozen import FastFrozenBody
 from .cache import FeatureCache
-from .head import join_head
+from .head import create_head, join_head
 from .splitters import auto_splitter, group_names, learner_group_names
 
 __all__ = ["group_learner", "GroupLearner"]
@@ -75,19 +76,28 @@ def _checked_set_hyper(opt, k, v) -> None:
     type(opt).set_hyper(opt, k, v)
 
 
+def _is_auto_splitter(f) -> bool:
+    "Whether `f` is `auto_splitter`, possibly in `functools.partial` or `functools.wraps` wrappers (`checked`)."
+    for _ in range(8):
+        if f is auto_splitter:
+            return True
+        f = getattr(f, "func", None) or getattr(f, "__wrapped__", None)
+    return False
+
+
 class GroupLearner(Learner):
     """The fastai `Learner` that `group_learner` returns: fastai's, plus clear errors where fastai silently does
     something else than asked.
 
-    - `freeze_to(n)` with `n` outside `-len(groups)..len(groups)` raises `IndexError` (fastai freezes nothing or
-      everything); a freeze that freezes nothing (`freeze()` on a single group, `freeze_to(-len(groups))`)
+    - `freeze_to(n)` accepts `-(k-1)..k` for `k` groups; outside `-k..k` it raises `IndexError` (fastai freezes
+      nothing or everything); a freeze that freezes nothing (`freeze()` on a single group, `freeze_to(-len(groups))`)
       raises `ValueError` (fastai does nothing, silently).
     - A `slice(lo, hi)` learning rate (or any hyper) on a single parameter group, or a list of values of the
       wrong length, raises `ValueError` (fastai uses `hi` silently, or fails with a bare `AssertionError`).
 
     >>> learn = group_learner(dls, "resnet18", pretrained=False)  # doctest: +SKIP
     >>> learn.freeze_to(9)  # doctest: +SKIP
-    IndexError: freeze_to(9): the learner has 6 parameter groups (stem, ..., head); use -6..6
+    IndexError: freeze_to(9): the learner has 6 parameter groups (stem, ..., head); use -5..6: ...
     """
 
     def create_opt(self):
@@ -116,24 +126,32 @@ class GroupLearner(Learner):
         if isinstance(n, bool) or not isinstance(n, numbers.Integral):
             raise TypeError(f"freeze_to takes an int (the number of groups to freeze), got {type(n).__name__}")
         k = len(self.opt.param_lists)
-        names = learner_group_names(self)
+        names = ", ".join(learner_group_names(self))
+        ok = f"-{k - 1}..{k}" if k > 1 else "0..1"
+        rule = "freeze_to(n) freezes the first n groups, freeze_to(-n) trains only the last n, freeze_to(0) trains all"
         if not -k <= n <= k:
-            raise IndexError(f"freeze_to({n}): the learner has {k} parameter groups ({', '.join(names)}); "
-                             f"use -{k}..{k}")
-        if n != 0 and (n if n >= 0 else k + n) == 0:
+            raise IndexError(f"freeze_to({n}): the learner has {k} parameter group{'s' if k > 1 else ''} ({names}); "
+                             f"use {ok}: {rule}")
+        if n == -k:
             what = "freeze()" if n == -1 else f"freeze_to({n})"
-            raise ValueError(f"{what} would freeze nothing: the learner has {k} parameter group"
-                             f"{'s' if k > 1 else ''} ({', '.join(names)}); fastai would silently train everything. "
-                             "Use a splitter that puts the head in its own last group (auto_splitter does)")
+            if k == 1:
+                fix = ("auto_splitter found no separate head in this model: pass a model whose last child is the head, "
+                       "or a splitter of your own" if _is_auto_splitter(self.splitter) else
+                       "Use a splitter that puts the head in its own last group (auto_splitter does)")
+                raise ValueError(f"{what} would freeze nothing: the learner has 1 parameter group ({names}); fastai "
+                                 f"would silently train everything. {fix}")
+            raise ValueError(f"{what} would freeze nothing: the learner has {k} parameter groups ({names}) and "
+                             f"{what} trains the last {k}, that is all of them; use {ok}: {rule}")
         super().freeze_to(n)
 
     def save(self, file: Any, with_opt: bool = True, pickle_protocol: int = 2, **torch_save_kwargs) -> Any:
         """fastai's `save` (`{'model': ..., 'opt': ...}` in `path/model_dir/file.pth`, rank 0 only), plus what
         resuming needs and fastai does not keep (`checkpoint.py`): the groups (names, sizes), the freeze state
-        (`requires_grad` of every parameter, `opt.frozen_idx`) and the state of every callback with `state_dict`
-        (the `GroupLogger` history). A plain fastai `Learner` loads the file too. The weights are saved without
-        `torch.compile` / `DataParallel` / DDP wrappers. `with_opt=False`: the weights only, as fastai. Returns
-        the file's path.
+        (`requires_grad` of every parameter, `opt.frozen_idx`), the state of every callback with `state_dict`
+        (the `GroupLogger` history) and the random states (Python, numpy, torch CPU and CUDA generators, and the
+        shuffling `rng` of each loader of `dls`). A plain fastai `Learner` loads the file too. The weights are
+        saved without `torch.compile` / `DataParallel` / DDP wrappers. `with_opt=False`: the weights only, as
+        fastai. Returns the file's path.
 
         >>> learn.fit_one_cycle(1, slice(1e-4, 1e-3)); learn.save("epoch0")  # doctest: +SKIP
         >>> fresh = group_learner(dls, "resnet18", pretrained=False).load("epoch0")  # doctest: +SKIP
@@ -148,9 +166,14 @@ class GroupLearner(Learner):
              **torch_load_kwargs) -> "GroupLearner":
         """fastai's `load`, restoring what `save` kept. With `with_opt` (and a file that has an optimizer state): the
         per-group hypers and optimizer state, the freeze state (whatever this learner's was: it is not re-frozen
-        from a schedule) and the callbacks' states (the `GroupLogger` history: the next fit continues its
-        iteration count). With `with_opt`, a checkpoint of another grouping (number or sizes of groups) raises
-        `ValueError` naming both, before anything is changed (fastai only warns and trains on; of a plain fastai
+        from a schedule), the callbacks' states (the `GroupLogger` history: the next fit continues its
+        iteration count) and the random states `save` kept (the global generators, changed by `load`, and the
+        loaders' shuffling; not under DDP, where each process keeps its own). So a fit saved at the end of an
+        epoch (`SaveModelCallback(every_epoch=True, with_opt=True)`) and resumed in a new learner on the same data
+        with `fit_one_cycle(n, start_epoch=k)` gives the weights of the uninterrupted fit, bit for bit on CPU
+        (shuffling, augmentation and dropout draw the same numbers; on GPU, up to non-deterministic kernels).
+        With `with_opt`, a checkpoint of another grouping (number or sizes of groups) raises `ValueError` naming
+        both, before anything is changed (fastai only warns and trains on; of a plain fastai
         file only the number of groups is known). Files saved by plain fastai load as with fastai (weights,
         optimizer state); `with_opt=False` loads the weights only. `file`: a name in `path/model_dir` (`.pth`
         added) or a path; `device`, `strict`: as fastai's.
@@ -194,6 +217,9 @@ def _with_fast_frozen(cbs: list, cache: bool) -> list:
     return cbs
 
 
+@delegates(Learner.__init__, but=["dls", "model", "loss_func", "opt_func", "lr", "splitter", "cbs", "metrics",
+                                  "train_bn"])
+@delegates(create_head, keep=True, but=["nf", "n_out"])   # help(group_learner) lists the head's and Learner's options
 def group_learner(dls, arch: Any, n_out: Optional[int] = None, pretrained: bool = True, weights: Any = None,
                   splitter: Optional[Callable] = auto_splitter, cut: Cut = None, train_bn: bool = True,
                   cache_features: bool = False, metrics=None, cbs=None, n_in: int = 3,

@@ -79,7 +79,9 @@ def group_lr_find(learn: Learner, lr_mult: float = 100, start_lr: float = 1e-7, 
     with learn.no_logging():
         learn.fit(n_epoch, cbs=cb)
     rec = learn.recorder
-    xlabel = f"learning rate of the last group (group i: lr x slice_ratios(n, {lr_mult:g})[i])"
+    n = len(learn.opt.param_lists) if learn.opt is not None else 1
+    xlabel = (f"learning rate of the last group (usually the head)\nthe first group gets {lr_mult:g} times less, "
+              "the groups between are spaced evenly on a log scale" if n > 1 else "learning rate")
     if suggest_funcs is None:
         if show_plot:
             _plot_sweep(rec, xlabel)

@@ -251,10 +251,10 @@ def check_groups(model: nn.Module, groups: Any) -> None:
     `nn.Parameter` and every empty group in a splitter's output `groups` for `model`.
 
     >>> m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-    >>> check_groups(m, [list(m[0].parameters())])
+    >>> check_groups(m, [list(m[0].parameters())])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: bad parameter groups for Sequential: missing (never trained): 1.weight, 1.bias
+    ValueError: bad parameter groups for Sequential: missing (never trained): 1.weight, 1.bias; fix the splitter: ...
     """
     model = unwrap_model(model)
     names = {}
@@ -263,7 +263,8 @@ def check_groups(model: nn.Module, groups: Any) -> None:
     problems, count = [], {}
     if isinstance(groups, (nn.Parameter, torch.Tensor)) or not hasattr(groups, "__iter__"):
         raise ValueError(f"bad parameter groups for {type(model).__name__}: expected a list of lists of "
-                         f"parameters, got {type(groups).__name__}")
+                         f"parameters, got {type(groups).__name__}. Return [list(a.parameters()), ...] from the "
+                         "splitter")
     groups = list(groups)
     if not groups:
         problems.append("no groups at all")
@@ -288,17 +289,25 @@ def check_groups(model: nn.Module, groups: Any) -> None:
     if dup:
         problems.append("duplicated (stepped twice): " + ", ".join(dup))
     if problems:
-        raise ValueError(f"bad parameter groups for {type(model).__name__}: " + "; ".join(problems))
+        raise ValueError(f"bad parameter groups for {type(model).__name__}: " + "; ".join(problems) +
+                         "; fix the splitter: it must return lists of the model's parameters, each in exactly one")
 
 
 def checked(splitter: Callable) -> Callable:
     """Wrap any splitter so that its output is validated by `check_groups` when fastai creates the optimizer.
+    A splitter that yields its groups (a generator, as plain fastai accepts) is read once: the wrapped splitter
+    returns them as a list (a `ParamGroups` is returned as it is, names kept).
 
     >>> learn = Learner(dls, model, splitter=checked(my_splitter))  # doctest: +SKIP
+    >>> len(checked(lambda m: (list(c.parameters()) for c in m.children()))(nn.Sequential(nn.Linear(2, 2))))
+    1
     """
     @functools.wraps(splitter)
     def _checked(model):
         groups = splitter(model)
+        if not isinstance(groups, (list, tuple, nn.Parameter, torch.Tensor)) and type(groups).__name__ != "L" \
+                and hasattr(groups, "__iter__"):
+            groups = list(groups)          # a generator: read it once, check and return the same lists
         check_groups(model, groups)
         return groups
     return _checked

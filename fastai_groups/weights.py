@@ -286,11 +286,19 @@ def _pretrained(fn: Callable, arch: Any) -> tuple[nn.Module, Stats]:
         if not timm.is_model_pretrained(name):
             raise _fail(arch, "timm", _fix(f"timm publishes no weights for {name!r}; pick one of "
                                            "timm.list_pretrained()"))
+        source = f"timm (Hugging Face hub, timm/{name})"
+        hub_fix = _fix("check the network, or download once and set HF_HUB_OFFLINE=1 to use the local cache")
+        kwargs = _partial_kwargs(fn)
+        offline = _hub_unreachable()
+        if offline:  # fail in seconds rather than after the hub client's retries, unless the weights are cached
+            cached = _hub_cached(name)
+            if cached is None:
+                raise _fail(arch, source, hub_fix, ConnectionError(offline))
+            kwargs.setdefault("pretrained_cfg_overlay", {"file": cached})
         try:
-            model = timm.create_model(name, pretrained=True, **_partial_kwargs(fn))
+            model = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as e:
-            raise _fail(arch, f"timm (Hugging Face hub, timm/{name})", _fix(
-                "check the network, or download once and set HF_HUB_OFFLINE=1 to use the local cache"), e) from e
+            raise _fail(arch, source, hub_fix, e) from e
         return model, model_stats(model)
     if _is_fastai(fn) or accepts(fn, "pretrained"):
         source = "fastai's model zoo" if _is_fastai(fn) else "the factory's pretrained=True"
@@ -302,6 +310,52 @@ def _pretrained(fn: Callable, arch: Any) -> tuple[nn.Module, Stats]:
         return _as_module(model, arch), model_stats(model)
     raise RuntimeError(f"no known pretrained weights for {_describe(arch)}: it is not a torchvision, timm or fastai "
                        f"architecture and takes no `pretrained` argument. To fix: {_fix()}")
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (one request, at most `timeout` seconds), or None when it
+    answers or when the hub client is in offline mode anyway (`HF_HUB_OFFLINE=1`: it fails fast by itself)."""
+    import threading
+    import urllib.error
+    import urllib.request
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return None  # timm reports the missing package itself
+    if constants.HF_HUB_OFFLINE:
+        return None
+    result: list = []
+
+    def probe():
+        try:
+            urllib.request.urlopen(constants.ENDPOINT, timeout=timeout).close()  # honours HTTPS_PROXY
+            result.append(None)
+        except urllib.error.HTTPError:
+            result.append(None)  # an answer, whatever its status: the network is there
+        except Exception as e:
+            reason = getattr(e, "reason", e)
+            result.append(f"no network: {constants.ENDPOINT} cannot be reached ({reason})")
+
+    t = threading.Thread(target=probe, daemon=True)  # a thread: name resolution ignores `timeout`
+    t.start()
+    t.join(timeout + 1)
+    return result[0] if result else f"no network: {constants.ENDPOINT} did not answer within {timeout:g} s"
+
+
+def _hub_cached(name: str) -> str | None:
+    "The local Hugging Face cache file of timm's default weights for `name`, if it was downloaded before."
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return None
+    repo_id, _, revision = repo.partition("@")
+    for fname in ("model.safetensors", getattr(cfg, "hf_hub_filename", None) or "pytorch_model.bin"):
+        path = try_to_load_from_cache(repo_id, fname, revision=revision or None)
+        if isinstance(path, str):
+            return path
+    return None
 
 
 def _torchvision(builder: Callable, w: Any, arch: Any) -> nn.Module:

@@ -53,3 +53,13 @@ def dls(image_dir):
 
 
 
+
+
+@pytest.fixture(scope="module")
+def r18_file(tmp_path_factory):
+    "A local resnet18 checkpoint (random weights, 10 classes): pretrained weights without a download."
+    from torchvision.models import resnet18
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("weights") / "r18.pth"
+    torch.save(resnet18(num_classes=10).state_dict(), path)
+    return path

@@ -1,10 +1,17 @@
 """Tests of the feature cache (fastai_groups/cache.py): small resnet18 / a tiny conv body at 32 px, 64 images."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from fastai.callback.training import BnFreeze
-from fastai.vision.augment import Flip
+from fastai.data.transforms import Normalize
+from fastai.vision.augment import Brightness, Flip, RandomErasing, Resize
+from fastai.vision.core import TensorImage, imagenet_stats
+from fastai.vision.data import ImageDataLoaders
+from fasttransform.transform import Transform
+from PIL import Image
 
 from fastai_groups.cache import FeatureCache, random_transforms
 from fastai_groups.frozen import FastFrozenBody
@@ -70,9 +77,9 @@ def test_cache_memory_limit_falls_back(dls, capsys):
 
 def test_cache_refuses_random_augmentation(image_dir):
     dls = make_dls(image_dir, batch_tfms=Flip(p=0.5))
-    assert random_transforms(dls.train) == ["Flip"]
+    assert random_transforms(dls.train) == ["Flip (after_batch): a fastai RandTransform, random on the training set"]
     learn = make_learn(dls, [FeatureCache()])
-    with pytest.raises(ValueError, match=r"random transforms \(Flip\).*Resize\(size, method='squish'\)"):
+    with pytest.raises(ValueError, match=r"may be random: Flip \(after_batch\).*Resize\(size, method='squish'\)"):
         fit(learn, 1)
     assert "forward" not in vars(learn.model[0])
 
@@ -83,3 +90,96 @@ def test_cache_leads_fast_frozen_body(dls):
     assert learn.fast_frozen_mode == "cached" and learn.count_items.n == N_TRAIN + N_VALID
     with pytest.raises(ValueError, match="max_bytes"):
         FeatureCache(max_bytes=0)
+
+
+# ------------------------------------------------------------------------------------- what the cache refuses
+class Perturb(Transform):
+    "Adds 1 to 10% of the batches: random, and not a fastai RandTransform."
+    order = 99
+
+    def encodes(self, x: TensorImage):
+        return x + float(torch.rand(()) < 0.1)
+
+
+class Scale(Transform):
+    "Deterministic, but not fastai's: refused until declared."
+    order = 99
+
+    def encodes(self, x: TensorImage):
+        return x * 0.5
+
+
+class DeclaredScale(Scale):
+    deterministic = True
+
+
+def _keep(b):
+    return b
+
+
+@pytest.mark.parametrize("tfm,name", [(RandomErasing(p=0.2), "RandomErasing"), (Flip(p=0.05), "Flip"),
+                                      (Brightness(p=0.05), "Brightness"), (Perturb(), "Perturb"),
+                                      (Scale(), "Scale"), (_keep, "_keep")])
+def test_cache_refuses_rare_or_unknown_transforms(image_dir, tfm, name):
+    "Decided from the pipeline, not from samples: rare augmentation and unknown transforms are refused by name."
+    learn = make_learn(make_dls(image_dir, batch_tfms=tfm), [FeatureCache(), CountItems()])
+    with pytest.raises(ValueError, match=rf"may be random: {name} \(after_batch\).*declared: `deterministic = True`"):
+        fit(learn, 1)
+    assert learn.count_items.n == 0                                  # refused before any batch
+
+
+def _folder(image_dir, tmp_path, wide: bool):
+    "image_dir's train/valid, plus (when `wide`) one 48x32 training image, late in the dataset."
+    root = tmp_path / "imgs"
+    shutil.copytree(image_dir, root)
+    if wide:
+        Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(root / "train" / "b" / "zz_wide.png")
+    return root
+
+
+def _resize_dls(root, method):
+    return ImageDataLoaders.from_folder(root, train="train", valid="valid", item_tfms=Resize(32, method=method),
+                                        bs=BS, num_workers=0)
+
+
+@pytest.mark.parametrize("method", ["crop", "pad"])
+def test_cache_refuses_resize_placing_at_random(image_dir, tmp_path, method):
+    "Resize crops / pads at random on train when an image is not at the target's aspect: read from every file."
+    dls = _resize_dls(_folder(image_dir, tmp_path, wide=True), method)
+    assert [p.name for p in dls.train.items].index("zz_wide.png") >= 8
+    learn = make_learn(dls, [FeatureCache()])
+    with pytest.raises(ValueError, match=rf"Resize \(after_item\): method='{method}' {method}s at random the images "
+                                         r"not at the target's aspect ratio, e.g. .*zz_wide.png \(48x32\)"):
+        fit(learn, 1)
+
+
+@pytest.mark.parametrize("method,wide", [("squish", True), ("crop", False), ("pad", False)])
+def test_cache_accepts_deterministic_resize(image_dir, tmp_path, method, wide):
+    learn = make_learn(_resize_dls(_folder(image_dir, tmp_path, wide), method), [FeatureCache(verbose=False)])
+    fit(learn, 1)
+    assert learn.fast_frozen_mode == "cached"
+
+
+@pytest.mark.parametrize("how", ["class attribute", "argument"])
+def test_cache_accepts_declared_transforms(image_dir, how):
+    tfm, declared = (DeclaredScale(), ()) if how == "class attribute" else (Scale(), [Scale])
+    dls = make_dls(image_dir, batch_tfms=[tfm, Flip(p=0.0), Normalize.from_stats(*imagenet_stats)])
+    assert random_transforms(dls.train, declared) == []
+    learn = make_learn(dls, [FeatureCache(verbose=False, deterministic=declared), CountItems()])
+    fit(learn, 1)
+    assert learn.fast_frozen_mode == "cached" and learn.count_items.n == N_TRAIN + N_VALID
+
+
+def test_cache_notices_data_changed_in_place(image_dir):
+    "A validation file list edited in place rebuilds the cache; a random transform added in place is refused."
+    learn = make_learn(make_dls(image_dir), [FeatureCache(verbose=False), CountItems()])
+    fit(learn, 1)
+    fit(learn, 1)
+    assert learn.count_items.n == N_TRAIN + N_VALID                  # reused
+    items = learn.dls.valid.dataset.items
+    items[0] = items[-1]                                             # same list, same length, another file
+    fit(learn, 1)
+    assert learn.count_items.n == 2 * (N_TRAIN + N_VALID)            # rebuilt
+    learn.dls.train.after_batch.add(Flip(p=0.05))
+    with pytest.raises(ValueError, match=r"may be random: Flip \(after_batch\)"):
+        fit(learn, 1)

@@ -1,6 +1,7 @@
 """GroupLogger and GradualUnfreeze on real fastai Learners (tiny residual CNN, 32 px PNGs)."""
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -8,6 +9,7 @@ import fastai.callback.hook  # noqa: F401  (adds Learner.summary)
 import pytest
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.progress import ProgressCallback
 from fastai.learner import load_learner
 from torch import nn
 
@@ -192,8 +194,8 @@ def test_plot_30_groups(image_folder, tmp_path):
     lrs = learn.group_logger.history.groupby("group")["lr"].first()
     assert lrs.iloc[0] == pytest.approx(1e-5) and lrs.iloc[-1] == pytest.approx(1e-3) and lrs.is_monotonic_increasing
     fig = learn.group_logger.plot()
-    ax, axm = fig.axes
-    assert len(ax.get_legend().get_texts()) == 30
+    ax, axm = fig.axes[0], fig.axes[-1]
+    assert [t.get_text() for t in ax.get_legend().get_texts()][:30] == [f"{i}: group{i}" for i in range(30)]
     assert [t.get_text() for t in axm.get_yticklabels()] == [f"group{i}" for i in range(30)]
     shaded = {round(p.get_y() + 0.5) for p in axm.patches if isinstance(p, Rectangle)}
     assert shaded == set(range(10))  # exactly the frozen groups
@@ -299,3 +301,188 @@ def test_gradual_unfreeze_every_start_lr_mult(image_folder):
     df = learn.group_logger.history
     assert (per_group(df, "state") == ["partial", "trainable", "trainable"]).all()   # start=2, next at epoch 2
     assert np.allclose(np.array(probe.lrs), [1e-5, 1e-4, 1e-3])
+
+
+# ------------------------------------------------------------------------------- CSV file: append, refuse, check
+class BatchCount(Callback):
+    "Test-only: counts training batches."
+    def __init__(self):
+        self.n = 0
+
+    def after_batch(self):
+        self.n += self.learn.training
+
+
+def test_csv_appends_across_learners(image_folder, tmp_path):
+    "A new Learner (as in a new process, fastai's plain `load`) continues the file: rows kept, iter/fit go on."
+    path = tmp_path / "run.csv"
+    first = make_learner(image_folder, cbs=[GroupLogger(path, show_table=False)])
+    first.fit(2, lr=1e-3)
+    before = pd.read_csv(path)
+    n_iter = before["iter"].nunique()
+    second = make_learner(image_folder, cbs=[GroupLogger(path, show_table=False)])
+    second.fit(1, lr=1e-3)
+    after = pd.read_csv(path)
+    assert len(after) == len(before) + len(second.group_logger.history)
+    pd.testing.assert_frame_equal(after.iloc[:len(before)], before)           # the first run's rows, untouched
+    new = after.iloc[len(before):]
+    assert new["iter"].tolist() == [i for i in range(n_iter, n_iter + n_iter // 2) for _ in range(N_GROUPS)]
+    assert set(new["fit"]) == {1} and set(second.group_logger.history["fit"]) == {1}
+    pd.testing.assert_frame_equal(new.reset_index(drop=True), second.group_logger.history, check_dtype=False)
+
+
+def test_csv_append_false_refuses_an_existing_file(image_folder, tmp_path):
+    path = tmp_path / "run.csv"
+    make_learner(image_folder, cbs=[GroupLogger(path, show_table=False)]).fit(1, lr=1e-3)
+    text = path.read_text()
+    count = BatchCount()
+    learn = make_learner(image_folder, cbs=[GroupLogger(path, show_table=False, append=False), count])
+    with pytest.raises(FileExistsError, match=r"GroupLogger: .*run.csv already exists and append=False .*nothing "
+                                              r"was changed: move or delete the file, pick another name, or use "
+                                              r"append=True"):
+        learn.fit(1, lr=1e-3)
+    assert count.n == 0 and path.read_text() == text
+    new = tmp_path / "new.csv"
+    make_learner(image_folder, cbs=[GroupLogger(new, show_table=False, append=False)]).fit(1, lr=1e-3)
+    assert len(pd.read_csv(new)) == 4 * N_GROUPS      # a new file: fine
+
+
+def test_csv_of_something_else_is_refused(image_folder, tmp_path):
+    path = tmp_path / "other.csv"
+    path.write_text("a,b\n1,2\n")
+    count = BatchCount()
+    learn = make_learner(image_folder, cbs=[GroupLogger(path, show_table=False), count])
+    with pytest.raises(ValueError, match=r"other.csv exists but is not a GroupLogger log \(no iter and fit columns\); "
+                                         r"give another file name, or move that file away"):
+        learn.fit(1, lr=1e-3)
+    assert count.n == 0 and path.read_text() == "a,b\n1,2\n"
+
+
+def test_csv_other_optimizer_merges_columns(image_folder, tmp_path):
+    "SGD's log (lr, mom, wd), then Adam's (sqr_mom, eps too) into the same file: every row, the union of columns."
+    from fastai.optimizer import SGD
+    path = tmp_path / "mixed.csv"
+    make_learner(image_folder, cbs=[GroupLogger(path, show_table=False)], opt_func=SGD).fit(1, lr=1e-3)
+    sgd = pd.read_csv(path)
+    assert "eps" not in sgd.columns
+    adam = make_learner(image_folder, cbs=[GroupLogger(path, show_table=False)])
+    adam.fit(1, lr=1e-3)
+    both = pd.read_csv(path)
+    assert len(both) == len(sgd) + len(adam.group_logger.history)
+    assert list(both.columns[:5]) == ["iter", "epoch", "fit", "group", "name"]
+    assert list(both.columns[-3:]) == ["params", "trainable", "state"]
+    assert set(both.columns) == set(sgd.columns) | set(adam.group_logger.history.columns)
+    assert both["eps"].iloc[:len(sgd)].isna().all() and both["eps"].iloc[len(sgd):].notna().all()
+    pd.testing.assert_frame_equal(both.iloc[:len(sgd)][list(sgd.columns)], sgd)
+    assert both["iter"].is_monotonic_increasing
+    adam.fit(1, lr=1e-3)                                  # same columns now: plain appends
+    assert len(pd.read_csv(path)) == len(both) + 4 * N_GROUPS
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "sys"])
+def test_unwritable_log_raises_before_training(image_folder, tmp_path, where):
+    "Checked in before_fit: no batch is trained (tests run as root: a path under a file, and /sys, are unwritable)."
+    (tmp_path / "file.txt").write_text("not a folder")
+    fname = tmp_path / "file.txt" / "log.csv" if where == "under_a_file" else "log.csv"
+    count = BatchCount()
+    learn = make_learner(image_folder, cbs=[GroupLogger(fname, show_table=False), count])
+    if where == "sys":
+        learn.path = Path("/sys")
+    with pytest.raises(OSError, match=r"GroupLogger cannot write its CSV file /.*log.csv: .*; give GroupLogger a "
+                                      r"writable file, e.g. GroupLogger\('.*log.csv'\)"):
+        learn.fit(1, lr=1e-3)
+    assert count.n == 0
+
+
+def test_log_path_relative_absolute_and_in_the_table(image_folder, tmp_path, monkeypatch, capsys):
+    "A name goes under learn.path (the data folder); an absolute path or Path.cwd()/... as given; the table says."
+    monkeypatch.chdir(tmp_path)
+    for fname, where in (("rel.csv", image_folder / "rel.csv"), (tmp_path / "abs.csv", tmp_path / "abs.csv"),
+                         (Path.cwd() / "sub" / "cwd.csv", tmp_path / "sub" / "cwd.csv")):
+        learn = make_learner(image_folder, cbs=[GroupLogger(fname)])
+        learn.fit(1, lr=1e-3)
+        assert where.exists() and len(pd.read_csv(where)) == 4 * N_GROUPS
+        first = capsys.readouterr().out.strip().splitlines()[0]
+        assert first == f"GroupLogger: fit 0, epoch 0, iter 0, logging to {where}"
+    assert not (tmp_path / "rel.csv").exists() and not (image_folder / "abs.csv").exists()
+
+
+def test_table_starts_on_its_own_line(image_folder, capsys):
+    "fastai's console progress bar leaves the cursor on its line: the table starts on a new one."
+    learn = make_learner(image_folder, cbs=[GroupLogger()])
+    learn.add_cb(ProgressCallback())
+    learn.fit(1, lr=1e-3)
+    out = capsys.readouterr().out
+    assert out.count("GroupLogger: fit 0") == 1 and "\nGroupLogger: fit 0" in out
+
+
+# ------------------------------------------------------------------------------------------ epochs and the plot
+def _artists(fig):
+    lines = {l.get_gid(): l for a in fig.axes for l in a.get_lines() if l.get_gid()}
+    texts = {t.get_gid(): t.get_text() for a in fig.axes for t in a.texts if t.get_gid()}
+    return lines, texts
+
+
+def test_epochs_metrics_and_state(image_folder):
+    "At each epoch end: the last iteration and recorder's losses and metrics (plain floats), kept in the state."
+    from fastai.metrics import accuracy
+    learn = make_learner(image_folder, cbs=[GroupLogger(show_table=False)], metrics=accuracy)
+    learn.fine_tune(2, base_lr=1e-3)
+    lg = learn.group_logger
+    ep = lg.epochs
+    assert list(ep.columns) == ["iter", "epoch", "fit", "train_loss", "valid_loss", "accuracy"]
+    assert ep[["iter", "epoch", "fit"]].values.tolist() == [[3, 0, 0], [7, 0, 1], [11, 1, 1]]   # 4 batches/epoch
+    assert np.allclose(ep[["train_loss", "valid_loss", "accuracy"]].iloc[1:].to_numpy(), learn.recorder.values)
+    lg2 = GroupLogger()
+    lg2.load_state_dict(lg.state_dict())
+    pd.testing.assert_frame_equal(lg2.epochs, ep)
+
+
+def test_plot_fine_tune_partial_phases_metric(image_folder):
+    "fine_tune with train_bn=True: the body is partial (dashed), phases named, accuracy on its own panel."
+    import matplotlib.pyplot as plt
+    from fastai.metrics import accuracy
+    learn = make_learner(image_folder, cbs=[GroupLogger(show_table=False)], metrics=accuracy)
+    learn.fine_tune(2, base_lr=1e-3)
+    fig = learn.group_logger.plot()
+    lines, texts = _artists(fig)
+    assert lines["lr:0:partial"].get_linestyle() == "--" and lines["lr:2:trainable"].get_linestyle() == "-"
+    assert "lr:2:partial" not in lines and "lr:0:frozen" not in lines
+    assert texts["phase:0"] == "fit 0: frozen\n(1 of 3 groups trains)"
+    assert texts["phase:1"] == "fit 1: unfrozen\n(all 3 groups train)"
+    assert [lines[f"marker:{g}"].get_marker() for g in range(3)] == ["o", "s", "D"]    # overlapping curves apart
+    assert texts["end:0,1"] == "stem-stage1 = stage2-stage3  (same lr)"               # same lr in the frozen fit
+    assert {texts["end:0"], texts["end:1"], texts["end:2"]} == {"stem-stage1", "stage2-stage3", "head"}
+    metric_ax = lines["metric"].axes
+    assert metric_ax is not fig.axes[0] and metric_ax.get_ylabel() == "valid accuracy"
+    assert np.allclose(lines["metric"].get_ydata(), learn.group_logger.epochs["accuracy"])
+    assert len(lines["metric"].get_xdata()) == 3
+    plt.close(fig)
+
+
+def test_plot_frozen_dotted_and_gradual(image_folder):
+    import matplotlib.pyplot as plt
+    learn = make_learner(image_folder, cbs=[GroupLogger(show_table=False)], train_bn=False)
+    learn.freeze()
+    learn.fit(1, lr=1e-3)
+    learn.fit_one_cycle(3, slice(1e-5, 1e-3), cbs=GradualUnfreeze())
+    fig = learn.group_logger.plot()
+    lines, texts = _artists(fig)
+    assert lines["lr:0:frozen"].get_linestyle() == ":"
+    assert texts["phase:0"] == "fit 0: frozen\n(1 of 3 groups trains)"
+    assert texts["phase:1"] == "fit 1: gradual unfreezing\n(1\u21923 of 3 groups train)"
+    assert lines["metric"].axes.get_ylabel() == "valid_loss"           # no metric given: the validation loss
+    plt.close(fig)
+
+
+def test_csv_follows_learn_path_after_export(image_folder, tmp_path):
+    "A relative name is resolved at each fit: a learner moved elsewhere (load_learner, new path) logs there."
+    learn = make_learner(image_folder, cbs=[GroupLogger("moved.csv", show_table=False)])
+    learn.fit(1, lr=1e-3)
+    learn.export(tmp_path / "export.pkl")
+    loaded = load_learner(tmp_path / "export.pkl")
+    loaded.dls = learn.dls
+    loaded.path = tmp_path
+    loaded.fit(1, lr=1e-3)
+    assert len(pd.read_csv(image_folder / "moved.csv")) == 4 * N_GROUPS                # left as it was
+    assert pd.read_csv(tmp_path / "moved.csv")["fit"].tolist() == [0] * 12 + [1] * 12  # the whole history

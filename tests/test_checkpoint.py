@@ -449,3 +449,33 @@ def test_feature_cache_refuses_compiled_and_dataparallel_models(image_folder):
         learn.freeze()
         with pytest.raises(ValueError, match="FeatureCache: learn.model runs under torch.compile or nn.DataParallel"):
             fit(learn, "fit", 1, LR)
+
+
+def test_resume_is_bit_for_bit(image_folder, tmp_path):
+    """2 epochs straight, and 1 epoch + save + a new learner + load + `fit_one_cycle(2, start_epoch=1)`: the same
+    weights, bit for bit (shuffling and the head's dropout draw the same numbers: `save` keeps the random states)."""
+    from fastai.callback.core import CancelFitException
+    from fastai.torch_core import set_seed
+
+    class Interrupt(Callback):
+        def after_epoch(self):
+            self.learn.save("cut")
+            raise CancelFitException
+
+    set_seed(0)
+    straight = make_learn(image_folder, tmp_path)
+    fit(straight, "fit_one_cycle", 2, LR)
+    set_seed(0)
+    cut = make_learn(image_folder, tmp_path)
+    fit(cut, "fit_one_cycle", 2, LR, cbs=[Interrupt()])
+    resumed = make_learn(image_folder, tmp_path, seed=7)      # another init, global random state, loader rng
+    torch.rand(5)
+    resumed.load("cut")
+    fit(resumed, "fit_one_cycle", 2, LR, start_epoch=1)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert any(isinstance(m, nn.Dropout) and m.p > 0 for m in resumed.model.modules())
+    assert not all(torch.equal(a[k], v) for k, v in cut.model.state_dict().items())    # epoch 1 changed them
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    pd.testing.assert_frame_equal(rows_from(resumed.group_logger.history, epoch=1),
+                                  rows_from(straight.group_logger.history, epoch=1))

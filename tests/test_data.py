@@ -2,6 +2,7 @@
 import gzip
 import importlib.util
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -201,7 +202,7 @@ def test_check_image_folder_errors(sample, tmp_path):
     (empty / "Sandal").mkdir()
     (empty / "Shirt").mkdir()
     (empty / "Shirt" / "readme.txt").write_text("no images here")
-    with pytest.raises(ValueError, match="without readable images: Sandal, Shirt$"):
+    with pytest.raises(ValueError, match="without readable images: Sandal, Shirt; add images"):
         check_image_folder(empty)
 
 
@@ -232,3 +233,20 @@ def test_check_image_folder_reports_corrupt(sample, tmp_path):
         p.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="without readable images: Bag"):
         check_image_folder(flat, warn=False)
+
+
+def test_check_image_folder_warns_on_16_bit_greyscale(tmp_path):
+    "16-bit PNGs reach the model as a handful of grey levels (fastai's RGB conversion): a warning with the count."
+    from fastai.vision.core import PILImage
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            wide = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)        # 16-bit greyscale
+            Image.fromarray(wide).save(tmp_path / cls / f"{i}.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "b" / "rgb.png")
+    assert len(np.unique(np.asarray(PILImage.create(tmp_path / "a" / "0.png")))) < 20    # 4096 levels in the file
+    with pytest.warns(UserWarning, match=r"^4 image\(s\) in .* are 16- or 32-bit greyscale .*convert them to 8-bit"):
+        assert check_image_folder(tmp_path) == (["a", "b"], [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_image_folder(tmp_path, warn=False)

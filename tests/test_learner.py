@@ -2,6 +2,7 @@
 short real fine-tune."""
 import functools
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -110,13 +111,23 @@ def test_group_learner_refuses_what_fastai_does_silently(folder, r18_file):
     dls = folder_dls(folder)
     learn = group_learner(dls, resnet18, pretrained=False)
     assert isinstance(learn, GroupLearner)
+    rule = (r"use -5..6: freeze_to\(n\) freezes the first n groups, freeze_to\(-n\) trains only the last n, "
+            r"freeze_to\(0\) trains all$")
     with pytest.raises(IndexError, match=r"freeze_to\(7\): the learner has 6 parameter groups \(stem, stage1, "
-                                         r"stage2, stage3, stage4, head\); use -6..6"):
+                                         r"stage2, stage3, stage4, head\); " + rule):
         learn.freeze_to(7)
-    with pytest.raises(IndexError, match=r"use -6..6"):
+    with pytest.raises(IndexError, match=r"^freeze_to\(-7\): .*" + rule):
         learn.freeze_to(-7)
-    with pytest.raises(ValueError, match=r"freeze_to\(-6\) would freeze nothing"):
+    with pytest.raises(ValueError, match=r"^freeze_to\(-6\) would freeze nothing: the learner has 6 parameter "
+                                         r"groups \(.*\) and freeze_to\(-6\) trains the last 6, that is all of "
+                                         r"them; " + rule) as e:
         learn.freeze_to(-6)
+    assert "auto_splitter" not in str(e.value)             # it is the splitter already: the rule is what helps
+    for n in (-5, 6, 0):                                  # the ends of the range the messages give really work
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")              # fastai warns that freeze_to(6) freezes the whole model
+            learn.freeze_to(n)
+        assert learn.opt.frozen_idx == (n if n >= 0 else 6 + n)
     with pytest.raises(TypeError, match="freeze_to takes an int"):
         learn.freeze_to(1.5)
     learn.freeze_to(2)  # in range: fastai's behaviour
@@ -192,3 +203,13 @@ def test_fine_tune_lite0_on_product_sample(tmp_path):
     assert len(lrs) >= 3 and lrs == sorted(lrs) and lrs[0] < lrs[-1]
     acc = learn.recorder.values[-1][-1]
     assert acc > 0.5, f"accuracy {acc:.3f} (chance: 0.1)"
+
+
+def test_signatures_list_the_head_and_learner_options():
+    "help(group_learner) / help(cnn_model) show the keyword arguments they pass on (fastcore's @delegates)."
+    import inspect
+    from fastai_groups.head import cnn_model
+    gl, cm = inspect.signature(group_learner).parameters, inspect.signature(cnn_model).parameters
+    assert {"lin_ftrs", "ps", "concat_pool", "y_range", "path", "model_dir", "wd", "moms"} <= set(gl)
+    assert {"lin_ftrs", "ps", "concat_pool"} <= set(cm) and "wd" not in cm
+    assert not any(p.kind is p.VAR_KEYWORD for p in cm.values())

@@ -28,6 +28,8 @@ def test_group_lr_find(image_folder):
     hypers = [dict(h) for h in learn.opt.hypers]
     sweep.lrs.clear()
     res = group_lr_find(learn, lr_mult=100, start_lr=1e-6, end_lr=1, num_it=12, stop_div=False)
+    assert plt.gca().get_xlabel() == ("learning rate of the last group (usually the head)\nthe first group gets 100 "
+                                      "times less, the groups between are spaced evenly on a log scale")
     plt.close("all")
     lrs = np.array(sweep.lrs)
     assert len(lrs) == 12

@@ -396,3 +396,24 @@ def test_norm_free_residual_blocks_are_blocks():
     assert groups.names == ["stem", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "head"]
     assert {id(p) for p in groups[0]} == {id(p) for p in model.stem.parameters()}
     assert auto_splitter(model).names == ["stem", "stage1", "stage2", "head"]
+
+
+def test_checked_accepts_generator_splitters(net):
+    "A splitter yielding its groups (plain fastai accepts it) is read once: checked, and fastai gets the lists."
+    from fastai.vision.all import DataLoaders
+    from torch.utils.data import TensorDataset
+    ds = TensorDataset(torch.randn(8, 2), torch.randint(0, 2, (8,)))
+    dls = DataLoaders.from_dsets(ds, ds, bs=4)
+    gen = checked(lambda m: (list(c.parameters()) for c in m.children() if any(True for _ in c.parameters())))
+    learn = Learner(dls, net, loss_func=nn.CrossEntropyLoss(), splitter=gen)
+    learn.create_opt()
+    assert [len(g) for g in learn.opt.param_lists] == [len(list(c.parameters())) for c in net.children()
+                                                         if any(True for _ in c.parameters())]
+    learn.freeze()
+    assert not any(p.requires_grad for p in learn.opt.param_lists[0])
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1)
+    with pytest.raises(ValueError, match="missing"):                  # a generator that misses parameters
+        checked(lambda m: (list(c.parameters()) for c in list(m.children())[:1]))(net)
+    named = checked(lambda m: ParamGroups([list(m[0].parameters()), list(m[2].parameters())], names=["a", "b"]))(net)
+    assert isinstance(named, ParamGroups) and named.names == ["a", "b"]
