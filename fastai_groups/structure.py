@@ -203,6 +203,7 @@ class Structure:
     head: list = field(default_factory=list)
     traced: bool = False      # a forward on meta tensors ran (at least partly)
     complete: bool = False    # ... and ran to the end
+    memo: dict = field(default_factory=dict, repr=False, compare=False)  # the splitters' groups, per options
 
     @property
     def blocks(self) -> list:
