@@ -304,7 +304,7 @@ _BINARY = frozenset("add add_ __add__ __radd__ __iadd__ sub sub_ __sub__ __rsub_
                     "__rmul__ __imul__ div div_ __truediv__ __rtruediv__ __itruediv__ true_divide".split())
 _MERGES = frozenset("add add_ __add__ __radd__ __iadd__ sub sub_ __sub__ __rsub__ __isub__ mul mul_ __mul__ "
                     "__rmul__ __imul__ cat concat concatenate stack hstack vstack addcmul lerp".split())
-_SHAPE_WORDS = ("shape", "size", "dimension", "dim ", "channel", "match", "expected", "height", "width", "divisib",
+_SHAPE_WORDS = ("shape", "size", "dim", "channel", "match", "expected", "height", "width", "divisib",
                 "multiple", "too small", "kernel", "out of range")
 
 
