@@ -13,7 +13,10 @@ with no memory.
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
+from pathlib import Path
 
 from .common import Context, Figure, Section, fmt_time, md_table, median, rss_mb
 
@@ -82,4 +85,111 @@ def run(ctx: Context) -> Section:
             sec.figures.append(Figure(f"auto_splitter cold split, `{name}` (meta)", fmt_time(r["cold"]),
                                       "none (fastai has no automatic splitter)",
                                       f"warm call {fmt_time(r['warm'])}"))
+    run_zoo(ctx, sec)
     return sec
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The slowest models of the zoo (tests/test_zoo.py, issue 13): cold and warm, before and after
+# ----------------------------------------------------------------------------------------------------------------
+# the ten slowest cold splits of the zoo at 9ce964c (seed 20261202), built on the meta device
+ZOO_SLOWEST = ["timm:sequencer2d_m", "timm:maxvit_pico_rw_256", "timm:swinv2_cr_small_ns_256", "timm:hieradet_small",
+               "timm:mobilenetv5_300m", "timm:hrnet_w64", "timm:iformer_l2_distilled", "hf:levit", "hf:cvt",
+               "hf:swinv2"]
+QUICK_ZOO = ["timm:sequencer2d_m", "hf:cvt"]
+BEFORE_REF = os.environ.get("BENCH_SPLITTER_BEFORE", "9ce964c")  # main before issue 13's fixes
+
+
+def _zoo_model(name: str):
+    "A fresh meta instance of a zoo model ('timm:NAME' or 'hf:MODEL_TYPE', from its default config)."
+    import torch
+    from torch import nn
+
+    class HF(nn.Module):  # pixel_values in, logits out (as in tests/test_zoo.py)
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return self.model(pixel_values=pixel_values).logits
+
+    source, _, arch = name.partition(":")
+    with torch.device("meta"):
+        if source == "hf":
+            import transformers
+            from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as M
+            cls = M[arch][0] if isinstance(M[arch], (tuple, list)) else M[arch]
+            return HF(getattr(transformers, cls)(transformers.AutoConfig.for_model(arch))).eval()
+        import timm
+        return timm.create_model(arch, pretrained=False)
+
+
+def zoo_times(names: list, cold_reps: int = 3, warm_reps: int = 10) -> dict:
+    "{name: (cold, warm)} in seconds: min of `cold_reps` cold splits (fresh instances), median of warm ones."
+    import torch
+    from fastai_groups import auto_splitter, instantiate
+    torch.set_num_threads(1)
+    auto_splitter(instantiate("resnet18"))  # warm-up
+    out = {}
+    for name in names:
+        try:
+            cold = []
+            for _ in range(cold_reps):
+                model = _zoo_model(name)
+                t = time.perf_counter()
+                auto_splitter(model)
+                cold.append(time.perf_counter() - t)
+        except Exception as e:  # a package missing or a model that does not build here
+            out[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+            continue
+        warm = []
+        for _ in range(warm_reps):
+            t = time.perf_counter()
+            auto_splitter(model)
+            warm.append(time.perf_counter() - t)
+        out[name] = (min(cold), median(warm))
+    return out
+
+
+def _times_at(ref: str, names: list, reps: dict) -> dict:
+    "`zoo_times` run in a subprocess against the package as it was at git `ref` (extracted to a temp dir)."
+    import json
+    import subprocess
+    import tempfile
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(f"git -C {root} archive {ref} fastai_groups | tar -x -C {tmp}", shell=True, check=True,
+                       capture_output=True)
+        code = ("import json, sys; from bench.splitter import zoo_times; "
+                f"print(json.dumps(zoo_times({names!r}, {reps['cold_reps']}, {reps['warm_reps']})))")
+        env = dict(os.environ, PYTHONPATH=f"{tmp}{os.pathsep}{root}", OMP_NUM_THREADS="1")
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp)
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed")
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_zoo(ctx: Context, sec: Section) -> None:
+    "Add the zoo table (slowest models, cold and warm, before and after) to `sec`."
+    names = QUICK_ZOO if ctx.quick else ZOO_SLOWEST
+    reps = dict(cold_reps=1, warm_reps=3) if ctx.quick else dict(cold_reps=3, warm_reps=10)
+    after = zoo_times(names, **reps)
+    try:
+        before = _times_at(BEFORE_REF, names, reps)
+    except Exception as e:
+        before = {}
+        sec.skip(f"zoo 'before' column: could not run the package at {BEFORE_REF} ({e})")
+
+    def cell(r, i):
+        return fmt_time(r[i]) if isinstance(r, (list, tuple)) else ("-" if r is None else "fails")
+    rows = [[f"`{n}`", cell(before.get(n), 0), cell(after[n], 0), cell(before.get(n), 1), cell(after[n], 1)]
+            for n in names]
+    sec.add("", f"Slowest models of the zoo (`tests/test_zoo.py`), 1 thread: cold split (min of {reps['cold_reps']}, "
+                f"fresh meta instance each) and warm split (median of {reps['warm_reps']}), before (`{BEFORE_REF}`) "
+                "and after issue 13's fixes (one meta trace per model, shape-only stand-ins for norms, "
+                "activations, elementwise maths, attention and LSTMs).", "")
+    sec.add(*md_table(["model", "cold before", "cold after", "warm before", "warm after"], rows))
+    slow = max((n for n in names if isinstance(after[n], (list, tuple))), key=lambda n: after[n][0], default=None)
+    if slow is not None:
+        sec.figures.append(Figure(f"slowest zoo cold split (`{slow}`)", fmt_time(after[slow][0]),
+                                  cell(before.get(slow), 0), "", "< 1 s", after[slow][0] < 1.0))

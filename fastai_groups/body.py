@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -422,6 +423,29 @@ def _prune(body: nn.Module, usage: Usage) -> nn.Module:
     if not usage.called:
         raise ValueError(f"no meta forward of {type(body).__name__} was recorded: cannot tell which of its modules "
                          "are unused (pruning would remove every parameter)")
+    dead = _dead(body, usage)
+    for name in dead:
+        body = replace(body, name, nn.Identity())
+    return body
+
+
+def _warn_dropped(model: nn.Module, body: nn.Module, usage: Usage) -> None:
+    """Say which parametrised modules of a (non-timm) body are dropped although they are not the classifier: the
+    forward never used them before the cut (the classifier found by `find_structure`)."""
+    st = find_structure(model)
+    head = {id(p) for u in st.head for p in u.params}
+    names = {id(m): n for n, m in model.named_modules()}
+    mods = dict(body.named_modules())
+    dropped = [names.get(id(mods[d]), d) for d in _dead(body, usage)
+               if any(id(p) not in head for p in mods[d].parameters())]
+    dropped += [u.name for u in st.head if u.params and u.module is not None and not u.executed and st.complete]
+    if dropped:
+        warnings.warn(f"create_body: {', '.join(dropped)} of {type(model).__name__} hold parameters its forward never "
+                      "uses before the classifier: left out of the body (pass cut=... to keep them)", stacklevel=4)
+
+
+def _dead(body: nn.Module, usage: Usage) -> list[str]:
+    "Names of the outermost submodules of `body` that hold parameters no meta forward used."
     dead: list[str] = []
     for name, m in body.named_modules():
         if not name or any(name.startswith(d + ".") for d in dead):
@@ -429,9 +453,7 @@ def _prune(body: nn.Module, usage: Usage) -> nn.Module:
         own = list(m.parameters())
         if own and id(m) not in usage.called and not any(id(p) in usage.used for p in own):
             dead.append(name)
-    for name in dead:
-        body = replace(body, name, nn.Identity())
-    return body
+    return dead
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -538,6 +560,7 @@ def build_body(arch: Any, pretrained: Optional[bool] = None, cut: Cut = None, we
         body, usage, shape = _timm_body(model, n_in)
     else:
         body, usage, shape = _forward_body(model, n_in)
+        _warn_dropped(model, body, usage)
     body = _prune(body, usage)
     if any(True for _ in model.parameters()) and not any(True for _ in body.parameters()):
         raise ValueError(f"the body found for {type(model).__name__} uses none of its parameters: pass cut=... (an "

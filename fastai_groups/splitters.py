@@ -208,6 +208,9 @@ def auto_splitter(model: nn.Module, *, granularity: str = "stage", n_groups: Opt
                       "there, or it has none): groups follow the registration order of its modules and the head is "
                       "guessed from the last top-level child; check them (find_structure) or pass a splitter",
                       stacklevel=2)
+    hit = st.memo.get((granularity, n_groups))  # warm call: the same groups, fresh lists
+    if hit is not None:
+        return ParamGroups([list(g) for g in hit.values()], names=list(hit))
 
     stem = [("stem", st.stem)] if any(u.params for u in st.stem) else []
     if granularity == "block" or (granularity == "fastai" and len(st.stages) < 2):
@@ -234,7 +237,9 @@ def auto_splitter(model: nn.Module, *, granularity: str = "stage", n_groups: Opt
             raise ValueError(f"n_groups={n_groups} is more than {type(model).__name__} can give at granularity "
                              f"{granularity!r}: at most {len(named)} ({', '.join(n for n, _ in named)})")
         named = _merge(body, n_groups - 1) + head if head and n_groups >= 2 else _merge(named, n_groups)
-    return ParamGroups([g for _, g in named], names=_unique([n for n, _ in named]))
+    groups = ParamGroups([g for _, g in named], names=_unique([n for n, _ in named]))
+    st.memo[(granularity, n_groups)] = dict(zip(groups.names, [list(g) for g in groups]))
+    return groups
 
 
 def _unique(names: list[str]) -> list[str]:

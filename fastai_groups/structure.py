@@ -1,9 +1,13 @@
 """The structure of any CNN: stem, stages and head, from the module tree and one meta-device trace.
 
-The model is cut into *units*: containers are opened, blocks (residual, inverted-residual, transformer, dense
-layers, ...) are kept whole. A forward pass on meta tensors (no memory, no data) gives the forward order of the
-units and the resolution of their outputs: a block that changes the resolution opens a new stage. Units after the
-last feature map form the head. `find_structure(model)` returns a `Structure`; the splitters build groups from it.
+The model is cut into *units*: containers and whole models are opened, blocks (residual, inverted-residual,
+transformer, dense layers, ...) are kept whole; a module whose own forward merges several paths (a residual add, a
+concat of branches: seen by the trace) is a block, never opened. One forward pass on meta tensors (no memory, no
+data; `_meta.meta_trace`) gives the forward order of the units (first call, or first use of their parameters: a
+root `logit_scale` read on the logits goes last) and the resolution of their outputs: a block that changes the
+resolution opens a new stage. Units after the last feature map form the head. When the trace stops early, the
+units it did not reach are placed by registration order (those registered before the input layer last), with a
+warning naming them. `find_structure(model)` returns a `Structure`; the splitters build groups from it.
 """
 from __future__ import annotations
 
@@ -13,11 +17,10 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch
 from torch import nn
 
-from ._meta import candidate_inputs, on_meta
-from ._utils import CONTAINERS, NORMS, first_tensor, preserve_modes
+from ._meta import Trace, meta_trace
+from ._utils import CONTAINERS, NORMS
 from .arch import instantiate
 
 __all__ = ["Unit", "Structure", "find_structure"]
@@ -114,7 +117,9 @@ def _numel(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def _units(model: nn.Module) -> list[Unit]:
+def _units(model: nn.Module, merging: frozenset = frozenset()) -> list[Unit]:
+    """The units of `model`, in registration order. `merging`: ids of the modules whose forward merges several paths
+    (from the meta trace): blocks, never opened unless they are the root, a whole model or a container."""
     shape, units, seen = _Shape(), [], set()
 
     def own(params):
@@ -129,10 +134,11 @@ def _units(model: nn.Module) -> list[Unit]:
         # `wrapper`: the root, or the first child holding parameters of a wrapper when it is a whole model (a body
         # inside Sequential(body, head), fastai's TimmBody(model), our ForwardBody): opened like the root, however
         # large the head that follows it
-        if shape.opens(m, wrapper, in_sequence):
+        merges = id(m) in merging and not wrapper and not isinstance(m, CONTAINERS)
+        if not merges and shape.opens(m, wrapper, in_sequence):
             direct = own(m._parameters.values())
-            if direct:
-                units.append(Unit(name, None, direct, cls=type(m).__name__))
+            for p in direct:  # one unit each: a root's cls_token is read first, its logit_scale / proj last
+                units.append(Unit(name, None, [p], cls=type(m).__name__))
             before = bool(direct)
             for cname, c in m.named_children():
                 n = _numel(c)
@@ -141,86 +147,56 @@ def _units(model: nn.Module) -> list[Unit]:
                 before = before or n > 0
                 visit(c, f"{name}.{cname}" if name else cname, dominant, isinstance(m, CONTAINERS))
         else:
-            units.append(Unit(name, m, own(m.parameters()), block=shape.is_block(m), cls=type(m).__name__))
+            block = shape.is_block(m) or merges and shape.param_owners(m) >= 2
+            units.append(Unit(name, m, own(m.parameters()), block=block, cls=type(m).__name__))
 
     visit(model, "", True)
     return units
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Meta trace: forward order and output resolution
+# Forward order, from the meta trace
 # ----------------------------------------------------------------------------------------------------------------
-def _resolution(shape: torch.Size) -> Optional[int]:
-    "Spatial size of an activation: H*W for NCHW or NHWC maps, tokens for (B, N, C); None when pooled."
-    if len(shape) == 4:
-        _, a, b, c = shape
-        if b == c or a != b:
-            return int(b * c)
-        return int(a * b)  # channels last
-    if len(shape) == 3:
-        return int(shape[1])
-    return None
-
-
-def _trace(model: nn.Module, units: list[Unit]) -> str:
-    """Fill `order`, `res`, `executed` of the units from a forward pass on meta tensors: 'complete', 'partial'
-    (it failed after some units ran: the furthest attempt is kept) or '' (nothing ran)."""
-    mods = [(u, u.module) for u in units if u.module is not None]
-    counter = [0]
-
-    def hook(u):
-        def pre(mod, args):
-            if not u.executed:
-                u.executed, u.order = True, counter[0]
-                counter[0] += 1
-        def post(mod, args, out):
-            t = first_tensor(out)
-            if t is not None and u.res is None:
-                u.res = _resolution(t.shape)
-        return pre, post
-
-    handles = []
-    try:
-        for u, m in mods:
-            pre, post = hook(u)
-            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-        with preserve_modes(model):
-            model.eval()
-            best = (0, None)  # (units reached, snapshot) of the furthest failed attempt
-            for size in candidate_inputs(model):
-                for u in units:
-                    u.executed, u.order, u.res = False, math.inf, None
-                counter[0] = 0
-                x = torch.empty((2,) + size, device="meta")
-                try:
-                    with torch.no_grad(), warnings.catch_warnings(), on_meta(model):
-                        warnings.simplefilter("ignore")
-                        model(x)
-                    return "complete"
-                except Exception:
-                    # a forward that fails late (a head that does not fit the body, a fixed input size) still
-                    # tells the order and resolution of what ran before it
-                    if counter[0] > best[0]:
-                        best = (counter[0], [(u.executed, u.order, u.res) for u in units])
-        for u, snap in zip(units, best[1] or [(False, math.inf, None)] * len(units)):
-            u.executed, u.order, u.res = snap
-        return "partial" if best[0] > 0 else ""
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _forward_sort(units: list[Unit]) -> list[Unit]:
-    "Units in forward order; units never called keep their place after the unit registered before them."
-    keyed, last, k = [], -1.0, 0
+def _place(units: list[Unit], rec: Trace) -> tuple[list[Unit], list[str]]:
+    """Fill the units from the trace and sort them in forward order: a unit's place is its module's first call or
+    the first use of one of its parameters, whichever comes first (a root `logit_scale` used on the logits goes
+    after the classifier; a module never called whose parameters are read goes where they are read). Units the
+    trace never reached keep their place after the unit registered before them; after a partial trace, those
+    registered before the first unit called (a classifier declared first) go last. Returns the sorted units and,
+    after a partial trace, a description of the units that had to be placed."""
+    for u in units:
+        first = [rec.used[id(p)] for p in u.params if id(p) in rec.used]
+        if u.module is not None and id(u.module) in rec.order:
+            first.append(rec.order[id(u.module)])
+            u.res = rec.res.get(id(u.module))
+        u.executed = bool(first)
+        u.order = min(first) if first else math.inf
+    partial = rec.how != "complete"
+    ran = [(u.order, i) for i, u in enumerate(units) if u.executed and u.params]
+    anchor = min(ran)[1] if ran else None  # the first parametrised unit called: the input layer
+    keyed, last, k, before_first, placed = [], -math.inf, 0, [], []
     for i, u in enumerate(units):
         if u.executed:
             last, k = u.order, 0
             keyed.append(((u.order, 0, i), u))
+        elif partial and anchor is not None and i < anchor and u.params:
+            before_first.append(u)
+            keyed.append(((math.inf, 1, i), u))
         else:
             k += 1
             keyed.append(((last, k, i), u))
-    return [u for _, u in sorted(keyed, key=lambda t: t[0])]
+            if partial and u.params:
+                placed.append(u)
+    out = [u for _, u in sorted(keyed, key=lambda t: t[0])]
+    notes = []
+    if partial and anchor is None:
+        notes.append("none of its parametrised modules ran: all follow registration order")
+    elif partial and placed:
+        notes.append("placed after the module registered before them: " + ", ".join(u.name for u in placed))
+    if before_first:
+        notes.append(f"registered before {units[anchor].name or 'the root'} (the first one called), so put last, "
+                     "with the head: " + ", ".join(u.name or "<root>" for u in before_first))
+    return out, notes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,6 +211,7 @@ class Structure:
     head: list = field(default_factory=list)
     traced: bool = False      # a forward on meta tensors ran (at least partly)
     complete: bool = False    # ... and ran to the end
+    memo: dict = field(default_factory=dict, repr=False, compare=False)  # the splitters' groups, per options
 
     @property
     def blocks(self) -> list:
@@ -284,11 +261,18 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionar
 
 
 def _find_structure(model: nn.Module) -> Structure:
-    units = _units(model)
-    how = _trace(model, units)
-    traced, complete = bool(how), how == "complete"
-    units = _forward_sort(units)
+    rec = meta_trace(model)
+    units = _units(model, frozenset(rec.merging))
+    traced, complete = bool(rec.how), rec.how == "complete"
+    units, notes = _place(units, rec)
     st = Structure(units=units, traced=traced, complete=complete)
+    if traced and not complete and notes:
+        e, msg = rec.error, str(rec.error).splitlines()[0][:120] if str(rec.error) else ""
+        where = next((n for n, m in model.named_modules() if m is rec.failed_in), None) if rec.failed_in else None
+        warnings.warn(f"auto_splitter: the meta forward of {type(model).__name__} stopped"
+                      f"{f' in {where}' if where else ''} ({type(e).__name__}: {msg}); the modules it did not reach "
+                      f"were placed by registration order: {'; '.join(notes)}. Check the groups (find_structure) "
+                      "or pass a splitter", stacklevel=4)
     if not any(u.params for u in units):
         return st
 
@@ -303,12 +287,12 @@ def _find_structure(model: nn.Module) -> Structure:
             h = feats[-1] + 1  # a block after the last feature map is a classifier block (timm's MLP heads)
             # a partial trace must have seen the switch from feature maps to pooled outputs
             seen = complete or (h < len(units) and units[h].executed)
-            if seen and any(u.params for u in units[h:]):
+            if seen and any(u.params and (u.executed or not complete) for u in units[h:]):
                 head_start = h
     if head_start is None:
         # structural: the last top-level child with parameters, if it holds no block and follows the last block
-        last_p = max(i for i, u in enumerate(units) if u.params)
-        top = _root_name(units[last_p])
+        last_p = max((i for i, u in enumerate(units) if u.params and (u.executed or not complete)), default=-1)
+        top = _root_name(units[last_p]) if last_p >= 0 else ""
         same = [i for i, u in enumerate(units) if _root_name(u) == top]
         if top and last_p > last_block and not any(units[i].block for i in same) and same[0] > last_block:
             head_start = same[0]
