@@ -33,6 +33,12 @@ Patches of torch and fastai, all of them (why, and when each can go):
 - `body.ForwardBody` (models whose forward pools the last feature map in code, `x.mean((2, 3))`): a
   `TorchFunctionMode` stops the forward at that pooling. Not a patch of torch, but it intercepts every torch call
   of that forward; pass `cut=` to `create_body` to avoid it.
+- `_meta.meta_trace` (the structure's one meta forward): global module forward hooks
+  (`register_module_forward_pre_hook` / `register_module_forward_hook`) and a `TorchFunctionMode` that records
+  calls and parameter uses and answers shape-preserving ops (norms, activations, same-shape elementwise maths,
+  attention, LSTMs) with an empty tensor of the right shape, for the duration of that forward only (meta runs
+  those ops through Python decompositions, ~1 ms a call). Another thread running a model at that moment would be
+  recorded too. Goes when meta kernels are cheap and hooks can be scoped to one model tree.
 - fastai 2.8 runs `torch.jit.script` at import time, which recent torch deprecates: that one `FutureWarning` is
   filtered (by message). Goes with fastai's next release.
 """
