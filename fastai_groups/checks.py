@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Optional
 
 __all__ = ["UsageError", "pick_threads", "check_numbers", "check_data_arg", "check_folder", "check_batches",
@@ -32,8 +33,10 @@ def _physical_cores() -> int:
 
 def pick_threads(threads: Optional[int]) -> tuple[int, str]:
     """The number of CPU threads for torch and where it comes from: `--threads`, else `OMP_NUM_THREADS`, else
-    the physical cores this process may use minus the current 1-minute load average (at least 1), so that a
-    shared machine is not oversubscribed.
+    the physical cores this process may use minus the other processes running right now (at least 1), so that a
+    shared machine is not oversubscribed. "Right now" is Linux's count of runnable tasks (`/proc/loadavg`), not the
+    1-minute load average, which still counts a command that has just finished (two runs back to back would get one
+    thread); elsewhere the load average.
 
     >>> pick_threads(3)
     (3, '--threads')
@@ -44,8 +47,18 @@ def pick_threads(threads: Optional[int]) -> tuple[int, str]:
     if env.isdigit() and int(env) > 0:
         return int(env), "OMP_NUM_THREADS"
     cores = _physical_cores()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, cores - round(load)), f"auto: {cores} physical cores minus load {load:.2f}"
+    busy, what = _busy()
+    return max(1, cores - round(busy)), f"auto: {cores} physical cores minus {busy:g} {what}"
+
+
+def _busy() -> tuple[float, str]:
+    "(how many cores other processes use now, what was counted)."
+    try:
+        runnable = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        return float(max(0, runnable - 1)), "other running processes"        # minus this process
+    except (OSError, ValueError, IndexError):
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        return round(load, 2), "load (1-minute average)"
 
 
 def check_numbers(args) -> None:

@@ -3,7 +3,7 @@
     fastai-groups summary resnet50 --groups stage
     fastai-groups finetune                      # bundled product photos, real ImageNet weights, offline
     fastai-groups finetune photos/ --arch timm:convnext_atto --no-pretrained --epochs 3
-    fastai-groups compare --schedules fine_tune,gradual,two_groups,unfrozen
+    fastai-groups compare --schedules fine_tune_groups,fine_tune,gradual,two_groups,unfrozen
 
 Bad input (missing folder, fewer than 2 classes, unknown architecture, weights that cannot be found, a batch
 size or image size that cannot train, an output folder that cannot be written) is a one-line error and exit
@@ -404,7 +404,7 @@ def _train_options(p: argparse.ArgumentParser, out: str) -> None:
                    "as it was")
     p.add_argument("--cpu", action="store_true", help="use the CPU even when a GPU is present")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: OMP_NUM_THREADS, "
-                   "else physical cores minus the load average, at least 1)")
+                   "else physical cores minus the other processes running now, at least 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -240,7 +240,16 @@ def test_pick_threads(monkeypatch):
     assert pick_threads(None) == (2, "OMP_NUM_THREADS")
     monkeypatch.delenv("OMP_NUM_THREADS")
     n, why = pick_threads(None)
-    assert 1 <= n <= os.cpu_count() and why.startswith("auto: ") and "minus load" in why
+    assert 1 <= n <= os.cpu_count() and why.startswith("auto: ") and "other running processes" in why
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])   # another process using a core now
+    try:
+        time.sleep(0.5)
+        n2, why2 = pick_threads(None)
+        busy = float(why2.split(" minus ")[1].split()[0])
+        assert busy >= 1 and n2 == max(1, int(why2.split()[1]) - round(busy)), why2
+    finally:
+        burner.kill()
+        burner.wait()
 
 
 def test_compare_table(photos, tmp_path):
