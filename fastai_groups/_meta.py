@@ -5,7 +5,8 @@ meta forwards at candidate input sizes (private: shared by arch, structure and b
   falling back to real maths with meta storage (constructors that compute with tensors, torchvision's RegNet),
   then to a real build, with a warning.
 - `on_meta(model)`: the model's own tensors swapped for meta ones for the duration of a block.
-- `candidate_inputs(model, n_in)`: the input shapes to try, one contract: shapes without the batch dimension.
+- `config_inputs(model)` / `candidate_inputs(model, n_in)` / `trace_inputs(model)`: the input shapes to try,
+  one contract (shapes without the batch dimension), one reader of the model's declared size, one list of sides.
 - `meta_run(module, n_in)`: a forward on a meta batch, trying the candidate sizes, with an error summary.
 - `meta_trace(model)`: one recorded meta forward (`Trace`: first call of every module, output resolutions, the
   modules that merge several paths, the first use of every parameter), for `structure`. Shape-preserving ops
@@ -15,7 +16,6 @@ meta forwards at candidate input sizes (private: shared by arch, structure and b
 from __future__ import annotations
 
 import contextlib
-import numbers
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._utils import NORMS, first_tensor, preserve_modes
 
-SIDES = (224, 227, 299, 256, 128, 64, 32)   # square input sides tried after the model's own configured size
+SIDES = (224, 227, 299, 256, 384, 128, 64, 32)   # square sides tried after the model's own configured size
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,40 +123,15 @@ def on_meta(model: nn.Module, grad: Optional[bool] = None) -> Iterator[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 # Candidate inputs
 # ----------------------------------------------------------------------------------------------------------------
-def _configured(model: nn.Module) -> tuple[Optional[int], list[tuple[int, int]]]:
-    """(channels, [(H, W)]) from the first module that declares its input: timm's `pretrained_cfg` /
-    `default_cfg` `input_size`, else an `image_size` / `img_size` attribute."""
-    for m in model.modules():
-        cfg = getattr(m, "pretrained_cfg", None) or getattr(m, "default_cfg", None)
-        if isinstance(cfg, dict) and cfg.get("input_size"):
-            c, *hw = (int(s) for s in cfg["input_size"])
-            return c, [tuple(hw)]
-        img = getattr(m, "image_size", None) or getattr(m, "img_size", None)
-        if isinstance(img, numbers.Integral) and not isinstance(img, bool):
-            return None, [(int(img), int(img))]
-        if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(i, int) for i in img):
-            return None, [tuple(img)]
-    return None, []
+def candidate_inputs(model: nn.Module, n_in: int) -> list[tuple]:
+    """Input shapes to try for `n_in` channels, without the batch dimension: the model's configured size first
+    (`config_inputs`), then `SIDES`.
 
-
-def candidate_inputs(model: nn.Module, n_in: Optional[int] = None) -> list[tuple]:
-    """Input shapes to try, without the batch dimension: the model's configured size first (timm's config,
-    `image_size`), then `SIDES`; channels `n_in` when given, else the configured ones (TResNet's first conv sees 48
-    channels after its space-to-depth stem), the first conv's, then 3. A model whose first weight layer is a
-    `Linear` gets a flat vector.
-
-    >>> candidate_inputs(nn.Sequential(nn.Conv2d(1, 4, 3)))[:2]
+    >>> candidate_inputs(nn.Sequential(nn.Conv2d(1, 4, 3)), 1)[:2]
     [(1, 224, 224), (1, 227, 227)]
     """
-    cfg_c, sizes = _configured(model)
-    sizes = list(dict.fromkeys(sizes + [(s, s) for s in SIDES]))
-    if n_in is not None:
-        return [(n_in, *hw) for hw in sizes]
-    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.Linear))), None)
-    if isinstance(first, nn.Linear):
-        return [(first.in_features,)]
-    chans = [c for c in (cfg_c, first.in_channels if isinstance(first, nn.Conv2d) else None, 3) if c is not None]
-    return [(c, *hw) for c in dict.fromkeys(chans) for hw in sizes]
+    sizes = [tuple(s[1:]) for s in config_inputs(model) if len(s) == 3] + [(s, s) for s in SIDES]
+    return [(n_in, *hw) for hw in dict.fromkeys(sizes)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,7 +230,7 @@ def accepted_input(m: nn.Module) -> Optional[tuple]:
     return None
 
 
-def _config_inputs(model: nn.Module) -> list[tuple]:
+def config_inputs(model: nn.Module) -> list[tuple]:
     """Input shapes (without batch) the model declares: timm's `pretrained_cfg`, a HuggingFace `config`
     (`image_size`, `num_channels`), an `image_size` / `img_size` attribute; the first module declaring one wins."""
     for m in model.modules():
@@ -282,11 +257,11 @@ def trace_inputs(model: nn.Module) -> list[tuple]:
     first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
     first = first or next((m for m in model.modules() if isinstance(m, WEIGHT_LAYERS)), None)
     chans = first.in_channels if isinstance(first, nn.Conv2d) else 3
-    sizes = [(s, torch.float32) for s in _config_inputs(model)]
+    sizes = [(s, torch.float32) for s in config_inputs(model)]
     guess = accepted_input(first) if first is not None else None
     if guess is not None:
         sizes.append(guess)
-    sizes += [((chans, s, s), torch.float32) for s in (224, 227, 299, 256, 384, 64, 32)]
+    sizes += [((chans, s, s), torch.float32) for s in SIDES]
     return list(dict.fromkeys(sizes))
 
 

@@ -50,7 +50,7 @@ def _is_timm_model(model: nn.Module) -> bool:
 def feature_shape(body: nn.Module, n_in: int = 3, size: Optional[tuple] = None) -> torch.Size:
     """The shape of `body`'s output for a batch of 2 images with `n_in` channels, found on the meta device: no
     memory allocated, no weights touched, the body's training flags unchanged. `size` (H, W) defaults to the
-    model's configured input size, else the first of 224, 299, 256, 128, 64, 32 that the body accepts.
+    model's configured input size, else the first of `_meta.SIDES` (224, 227, 299, 256, 384, 128, 64, 32) that the body accepts.
 
     >>> from torchvision.models import resnet18
     >>> feature_shape(create_body(resnet18, pretrained=False))
