@@ -193,13 +193,33 @@ def load_checkpoint(learn, file, device: Any = None, with_opt: bool = True, stri
         _check_grouping(learn, state["opt"], extra, file)
     weights = state["model"] if has_opt else state
     nn.modules.utils.consume_prefix_in_state_dict_if_present(weights, "_orig_mod.")  # fastai's torch.compile saves
-    unwrap_model(learn.model).load_state_dict(weights, strict=strict)
+    model = unwrap_model(learn.model)
+    _check_weights(model, weights, strict, file)
+    model.load_state_dict(weights, strict=strict)
     if with_opt and has_opt:
         learn.opt.load_state_dict(state["opt"])
         if extra is not None:
             _restore_train_state(learn, extra)
     elif with_opt:
         warnings.warn("Saved file doesn't contain an optimizer state.")
+
+
+def _check_weights(model: nn.Module, weights: dict, strict: bool, file) -> None:
+    """Refuse, before any tensor is written, weights that do not fit `model`: a tensor of another shape (torch would
+    raise only after copying every tensor that fits), or with `strict`, tensors missing or unexpected."""
+    own = model.state_dict()
+    shapes = [f"{k}: file {tuple(v.shape)}, learner {tuple(own[k].shape)}" for k, v in weights.items()
+              if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in weights] if strict else []
+    unexpected = [k for k in weights if k not in own] if strict else []
+    if not (shapes or missing or unexpected):
+        return
+    parts = [f"{len(x)} {what} ({'; '.join(x[:2])}{'; ...' if len(x) > 2 else ''})" for x, what in (
+        (shapes, "tensors of another shape"), (missing, "tensors missing"), (unexpected, "unexpected tensors")) if x]
+    hint = (" (another number of classes?)" if shapes and all(k.startswith(str(len(model) - 1) + ".") for k in
+            (s.split(":")[0] for s in shapes)) and isinstance(model, nn.Sequential) else "")
+    raise ValueError(f"checkpoint {file} does not fit this learner's model{hint}: {', '.join(parts)}; nothing was "
+                     "loaded: build the learner as the one that saved it")
 
 
 def export_state(learn) -> Optional[dict]:

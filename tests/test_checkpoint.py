@@ -282,6 +282,27 @@ def test_other_grouping_is_rejected(image_folder, tmp_path):
         b.load(tmp_path / "plain")
 
 
+@pytest.mark.parametrize("with_opt", [False, True])
+def test_weights_of_another_model_are_refused_before_anything_is_written(image_folder, tmp_path, with_opt):
+    "A checkpoint of 10 classes into a 3-class learner: one line naming the tensors, and not one tensor overwritten."
+    torch.manual_seed(3)
+    src = group_learner(make_dls(image_folder), TinyNet, pretrained=False, path=tmp_path, lin_ftrs=[16])
+    src.model[1][-1] = nn.Linear(16, 10)             # the same body, a head of 10 classes
+    src.create_opt()
+    src.save("ten")
+    b = make_learn(image_folder, tmp_path, seed=1)
+    b.create_opt()
+    weights = {k: v.clone() for k, v in b.model.state_dict().items()}
+    match = (r"ten.pth has another grouping than this learner: .*head \(8 tensors, 794 params\); this learner has .*"
+             r"head \(8 tensors, 675 params\)" if with_opt else   # the optimizer state is checked first
+             r"checkpoint .*ten.pth does not fit this learner's model \(another number of classes\?\): 2 tensors of "
+             r"another shape \(1\.\d+\.weight: file \(10, 16\), learner \(3, 16\); .*nothing was loaded")
+    with pytest.raises(ValueError, match=match) as e:
+        b.load("ten", with_opt=with_opt)
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in weights.items())
+
+
 def test_plain_fastai_files_and_plain_learners(image_folder, tmp_path):
     """Files saved by fastai load as with fastai; a GroupLearner checkpoint loads in a plain fastai Learner without
     fastai's "Could not load the optimizer state"; weights are saved without the torch.compile wrapper."""
