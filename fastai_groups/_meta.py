@@ -16,6 +16,7 @@ meta forwards at candidate input sizes (private: shared by arch, structure and b
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -337,14 +338,16 @@ class _Recorder(TorchFunctionMode):
     residual add, a concat of branches), and the first use of every parameter. With `fast`, shape-preserving ops
     return their input instead of running (same shapes, no decomposition cost)."""
 
-    def __init__(self, rec: Trace, params: dict, fast: bool):
+    def __init__(self, rec: Trace, params: dict, fast: bool, modules: set):
         super().__init__()
-        self.rec, self.params, self.fast = rec, params, fast
+        self.rec, self.params, self.fast, self.modules = rec, params, fast, modules
         self.act: dict[int, torch.Tensor] = {}
         self.stack: list[nn.Module] = []
         self.exc0 = None
 
     def pre(self, m, args):
+        if id(m) not in self.modules:          # another thread's module (the hooks are global)
+            return
         self.stack.append(m)
         rec = self.rec
         if id(m) not in rec.order:
@@ -354,6 +357,8 @@ class _Recorder(TorchFunctionMode):
                 rec.first_weight = m
 
     def post(self, m, args, out):
+        if id(m) not in self.modules:
+            return
         if self.stack and self.stack[-1] is m:
             self.stack.pop()
         exc = sys.exc_info()[1]
@@ -444,8 +449,34 @@ def _shape_only(name: str, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     return None
 
 
+def meta_copy(model: nn.Module) -> tuple[nn.Module, dict]:
+    """A structural copy of `model` for tracing: new module objects whose parameters and buffers are meta stand-ins
+    (one per tensor, so tied weights and shared modules stay shared; no tensor data copied) and without the model's
+    hooks. A forward of the copy never touches `model`, which another thread may be running. Returns the copy and
+    `{id(stand-in): original tensor}`.
+
+    >>> m = nn.Linear(2, 3); c, _ = meta_copy(m)
+    >>> c.weight.device.type, m.weight.device.type
+    ('meta', 'cpu')
+    """
+    memo: dict = {}
+    originals: dict = {}
+    for m in model.modules():
+        for store in (m._parameters, m._buffers):
+            for t in store.values():
+                if t is not None and id(t) not in memo:
+                    mt = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+                    stand = nn.Parameter(mt, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else mt
+                    memo[id(t)], originals[id(stand)] = stand, t
+        for k, v in vars(m).items():                        # forward/backward/state-dict hooks: left behind
+            if k.endswith("hooks") and isinstance(v, dict):
+                memo[id(v)] = type(v)()
+    return copy.deepcopy(model, memo), originals
+
+
 def _run_trace(model: nn.Module, size: tuple, dtype: torch.dtype, fast: bool) -> Trace:
-    "One meta forward of `model` on a batch of 2 inputs of shape `size`; see `Trace`."
+    """One meta forward of `model` (a `meta_copy`) on a batch of 2 inputs of shape `size`; see `Trace`. Only the
+    modules of `model` are recorded (module hooks are global: another thread's forward is ignored)."""
     from torch.nn.modules import module as _mod
     rec = Trace(size=size, dtype=dtype)
     patched = []
@@ -460,11 +491,11 @@ def _run_trace(model: nn.Module, size: tuple, dtype: torch.dtype, fast: bool) ->
                 patched.append(m)
                 m.forward = _identity_forward
     try:
-        with preserve_modes(model), on_meta(model) as stand_ins, torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings():
             model.eval()
             warnings.simplefilter("ignore")
-            params = {id(t): k for k, t in stand_ins.items() if isinstance(t, nn.Parameter)}
-            mode = _Recorder(rec, params, fast)
+            params = {id(p): id(p) for p in model.parameters()}
+            mode = _Recorder(rec, params, fast, {id(m) for m in model.modules()})
             mode.exc0 = sys.exc_info()[1]
             h1 = _mod.register_module_forward_pre_hook(mode.pre)
             h2 = _mod.register_module_forward_hook(mode.post, always_call=True)
@@ -498,11 +529,12 @@ def meta_trace(model: nn.Module) -> Trace:
     attempt wins."""
     sizes = trace_inputs(model)
     tried, best = set(), None
+    twin, originals = meta_copy(model)
 
     def attempt(size, dtype=torch.float32, fast=True):
         nonlocal best
         tried.add((size, dtype, fast))
-        rec = _run_trace(model, size, dtype, fast)
+        rec = _run_trace(twin, size, dtype, fast)
         if best is None or rec.how == "complete" or (best.how != "complete" and rec.calls > best.calls):
             best = rec
         return rec
@@ -521,7 +553,19 @@ def meta_trace(model: nn.Module) -> Trace:
         rec, retries = attempt(*nxt), retries + 1
     if best.how != "complete" and best.error is not None and _stand_in_error(best.error):
         attempt(best.size, best.dtype, fast=False)
-    return best
+    return _on_original(best, model, twin, originals)
+
+
+def _on_original(rec: Trace, model: nn.Module, twin: nn.Module, originals: dict) -> Trace:
+    "`rec`, recorded on `twin` (`meta_copy(model)`), in terms of `model`'s own modules and parameters."
+    mods = {id(c): m for m, c in zip(model.modules(), twin.modules())}     # same tree, same order
+    ident = lambda d: {id(mods[k]): v for k, v in d.items() if k in mods}   # noqa: E731
+    rec.order, rec.res = ident(rec.order), ident(rec.res)
+    rec.merging = {id(mods[k]) for k in rec.merging if k in mods}
+    rec.used = {id(originals[k]): v for k, v in rec.used.items() if k in originals}
+    rec.failed_in = mods.get(id(rec.failed_in)) if rec.failed_in is not None else None
+    rec.first_weight = mods.get(id(rec.first_weight)) if rec.first_weight is not None else None
+    return rec
 
 
 def _stand_in_error(e: BaseException) -> bool:

@@ -438,3 +438,47 @@ def test_checked_accepts_generator_splitters(net):
         checked(lambda m: (list(c.parameters()) for c in list(m.children())[:1]))(net)
     named = checked(lambda m: ParamGroups([list(m[0].parameters()), list(m[2].parameters())], names=["a", "b"]))(net)
     assert isinstance(named, ParamGroups) and named.names == ["a", "b"]
+
+
+def test_split_beside_threads_running_models():
+    """A split while other threads run forwards, of another model and of a part of this very model: the groups are
+    those of a quiet split, and every forward of the other threads gives its exact result (the trace runs on a meta
+    copy: the model's tensors are never swapped, and only the copy's modules are recorded)."""
+    import threading
+    torch.manual_seed(0)
+    model, other = tvm.resnet18().eval(), tvm.resnet34().eval()
+    x, h = torch.randn(2, 3, 64, 64), torch.randn(2, 64, 16, 16)
+    with torch.no_grad():
+        ref_other, ref_layer1 = other(x), model.layer1(h)
+    quiet = auto_splitter(model)
+    expected = [(n, [id(p) for p in g]) for n, g in zip(quiet.names, quiet)]
+    stop, failures, runs = threading.Event(), [], [0]
+
+    def forwards():
+        while not stop.is_set():
+            try:
+                with torch.no_grad():
+                    ok = torch.equal(other(x), ref_other) and torch.equal(model.layer1(h), ref_layer1)
+            except Exception as e:          # e.g. "Tensor on device meta" when the trace swapped the tensors
+                ok = repr(e)
+            if ok is not True:
+                failures.append(ok)
+            runs[0] += 1
+
+    threads = [threading.Thread(target=forwards) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        i = 0
+        while i < 15 or runs[0] < 10:                # at least 15 cold splits while 10 forwards of the others ran
+            assert i < 500
+            i += 1
+            model.fc = nn.Linear(512, 1000)          # a replaced layer: the next split traces again (cold)
+            g = auto_splitter(model)
+            expected[-1] = ("head", [id(p) for p in model.fc.parameters()])
+            assert [(n, [id(p) for p in grp]) for n, grp in zip(g.names, g)] == expected
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
