@@ -1,8 +1,11 @@
 """Where a command-line run writes: a fresh folder beside `--out`, moved into place at the end, so an interrupted
-or failed run leaves the previous results as they were (`Staging`)."""
+or failed run leaves the previous results as they were (`Staging`). A run folder lists what it wrote in a manifest
+(names and SHA-256 hashes): only files listed there, unchanged since, are ever moved or removed by a later run."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -11,15 +14,18 @@ from typing import Optional
 
 from .checks import UsageError
 
-__all__ = ["ARTEFACTS", "Staging", "shown", "foreign_files"]
+__all__ = ["ARTEFACTS", "MANIFEST", "Staging", "shown", "foreign_files", "write_manifest"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Output folder: written beside --out, moved into place at the end
 # ----------------------------------------------------------------------------------------------------------------
-#: What the commands write into --out; a folder holding anything else is not replaced.
+#: What the commands write into --out.
 ARTEFACTS = ("export.pkl", "group_log.csv", "group_lr.png", "confusion_matrix.png", "report.md", "results.json",
              "compare.csv", "compare.md", "compare.png")
+#: The file of a run folder listing what the run wrote (name -> SHA-256): a folder holding anything else, or a listed
+#: file changed since, is never replaced.
+MANIFEST = ".fastai-groups-manifest.json"
 
 
 def shown(p: Path) -> str:
@@ -30,10 +36,29 @@ def shown(p: Path) -> str:
         return str(p)
 
 
+def _sha256(f: Path) -> str:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    "List every file of `folder` with its SHA-256 in `folder/MANIFEST` (a run's own files, written at its end)."
+    files = {f.name: _sha256(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"written_by": "fastai-groups", "files": files}, indent=1))
+
+
 def foreign_files(folder: Path) -> list[str]:
-    "Entries of `folder` that no fastai-groups command writes."
-    return sorted(f.name for f in folder.iterdir() if not (f.is_file() and (
-        f.name in ARTEFACTS or (f.name.startswith("group_log_") and f.suffix == ".csv"))))
+    """Entries of `folder` that a fastai-groups run did not write: not in its manifest, or changed since (all of
+    them when there is no readable manifest)."""
+    try:
+        listed = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = {}
+    return sorted(f.name for f in folder.iterdir() if f.name != MANIFEST and not (
+        f.is_file() and not f.is_symlink() and f.name in listed and listed[f.name] == _sha256(f)))
 
 
 class Staging:
@@ -46,14 +71,20 @@ class Staging:
     """
 
     def __init__(self, out: Path):
-        self.out = Path(out).expanduser().absolute()
+        self.out = Path(out).expanduser().resolve()      # symbolic links followed: the run replaces their target
         self.previous = self.out.with_name(self.out.name + ".previous")
         self.tmp: Optional[Path] = None
         self.made: list[Path] = []   # parent folders created for the run (removed again if nothing is written)
         self.started = False         # training has started: a failure keeps the partial folder
 
-    def check(self) -> None:
+    def check(self, data: Optional[Path] = None) -> None:
+        "Refuse, before anything is written, an `out` that cannot take the run (see the class); `data`: the images."
         out, arg = self.out, shown(self.out)
+        if data is not None:
+            data = Path(data).expanduser().resolve()
+            if out == data or data in out.parents:
+                raise UsageError(f"--out {arg} lies inside the data folder {shown(data)}: a later run would take it "
+                                 f"for a class of images; give an --out outside {shown(data)}")
         for parent in [out, *out.parents]:
             if parent.exists() and not parent.is_dir():
                 where = "is a file" if parent == out else f"lies under {shown(parent)}, which is a file"
@@ -92,6 +123,7 @@ class Staging:
     def publish(self) -> list[str]:
         "Move the staging folder to `out` (the old `out` to `<out>.previous`); return what to tell the user."
         notes = []
+        write_manifest(self.tmp)
         if self.out.is_dir() and not any(self.out.iterdir()):
             self.out.rmdir()
         if self.out.exists():
@@ -106,7 +138,8 @@ class Staging:
 
     def discard(self) -> None:
         "Remove the staging folder (and created parents) of a run that stopped before training."
-        if self.tmp is not None and not foreign_files(self.tmp):
+        if self.tmp is not None and all(f.is_file() and (f.name in ARTEFACTS or f.name.startswith("group_log_"))
+                                        for f in self.tmp.iterdir()):   # this run's own, unpublished folder
             shutil.rmtree(self.tmp)
             self.tmp = None
         for p in reversed(self.made):

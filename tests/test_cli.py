@@ -152,6 +152,30 @@ def test_finetune_writes_every_artefact(photos, tmp_path):
                       for d in ("run", "run.previous")}
 
 
+def test_out_through_a_symbolic_link(photos, tmp_path):
+    "An --out that is a link to an empty folder: the run lands in the folder it points to, the link stays."
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    r = run("finetune", photos, "--epochs", 1, "--freeze-epochs", 0, "--size", 32, "--bs", 8, "--threads", 1,
+            "--out", "link", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "link" / "report.md").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]          # no partial folder left
+
+
+def test_run_folders_are_known_by_their_manifest(tmp_path):
+    "Only files a run listed, unchanged, are the library's: an edited report or a user's export.pkl is not."
+    from fastai_groups.runs import MANIFEST, foreign_files, write_manifest
+    (tmp_path / "report.md").write_text("# a run\n")
+    (tmp_path / "export.pkl").write_bytes(b"learner")
+    assert foreign_files(tmp_path) == ["export.pkl", "report.md"]                  # no manifest: nothing is ours
+    write_manifest(tmp_path)
+    assert (tmp_path / MANIFEST).is_file() and foreign_files(tmp_path) == []
+    (tmp_path / "report.md").write_text("# my notes on the run\n")                  # edited by the user since
+    (tmp_path / "notes.txt").write_text("mine\n")
+    assert foreign_files(tmp_path) == ["notes.txt", "report.md"]
+
+
 def test_interrupt_during_start_up(tmp_path):
     "Ctrl-C while torch and fastai are imported: one line, exit 130, nothing left behind."
     p = _popen("finetune", "--out", "runs/x", cwd=tmp_path)
@@ -176,17 +200,19 @@ def _error_rows() -> list:
 
 @pytest.fixture(scope="module")
 def user_folder(photos, tmp_path_factory):
-    "A working directory as docs/errors.md describes it: photos/, notes.txt (a file), mine/notes.txt."
+    "A working directory as docs/errors.md describes it: photos/, notes.txt (a file), mine/notes.txt, mymodel/export.pkl."
     cwd = tmp_path_factory.mktemp("user")
     shutil.copytree(photos, cwd / "photos")
     (cwd / "notes.txt").write_text("a file\n")
     (cwd / "mine").mkdir()
     (cwd / "mine" / "notes.txt").write_text("the user's own\n")
+    (cwd / "mymodel").mkdir()
+    (cwd / "mymodel" / "export.pkl").write_bytes(b"the user's own fastai export")
     return cwd
 
 
 def test_errors_table_has_every_row():
-    assert len(_error_rows()) == 25
+    assert len(_error_rows()) == 27
 
 
 @pytest.mark.parametrize("command,message", _error_rows(), ids=lambda x: x[:60] if x.startswith("fastai") else "")
