@@ -90,7 +90,7 @@ def _device(cpu: bool):
     return torch.device("cuda") if torch.cuda.is_available() and not cpu else torch.device("cpu")
 
 
-def _learner(dls, args, splitter=None, fname: Optional[str] = "group_log.csv", cbs=(), train_bn: bool = True):
+def _learner(dls, args, splitter=None, fname: Optional[str] = "group_log.csv", cbs=()):
     from fastai.vision.all import accuracy, error_rate
 
     from .callbacks import GroupLogger
@@ -101,7 +101,7 @@ def _learner(dls, args, splitter=None, fname: Optional[str] = "group_log.csv", c
                               splitter=splitter or functools.partial(auto_splitter, granularity=args.granularity),
                               metrics=[error_rate, accuracy],
                               cbs=[GroupLogger(fname=fname), epoch_log(), nan_stop(), *cbs],
-                              path=args.out, model_dir=".", train_bn=train_bn)
+                              path=args.out, model_dir=".")
     except (ValueError, RuntimeError, ImportError, FileNotFoundError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
     if dls.device.type == "cuda":
@@ -110,7 +110,8 @@ def _learner(dls, args, splitter=None, fname: Optional[str] = "group_log.csv", c
     return learn
 
 
-def run_schedule(learn, schedule: str, epochs: int, freeze_epochs: int, lr: float, lr_mult: float = 100) -> None:
+def run_schedule(learn, schedule: str, epochs: int, freeze_epochs: int, lr: float,
+                 lr_mult: Optional[float] = None) -> Optional[dict]:
     """Train `learn` with one freeze/unfreeze schedule, all with the same epoch budget
     (`freeze_epochs + epochs`):
 
@@ -120,12 +121,15 @@ def run_schedule(learn, schedule: str, epochs: int, freeze_epochs: int, lr: floa
       back, discriminative rates (with fewer epochs than groups, the earliest groups stay frozen to the end);
     - `unfrozen`: everything trainable from the start, `slice(lr/lr_mult, lr)`;
     - `fine_tune_groups`: the library's recipe (`fastai_groups.recipe`, picked by the study in BENCHMARKS.md) at the
-      same budget: `fine_tune_groups(freeze_epochs + epochs - 1, lr)` (best on a `train_bn=False` learner).
+      same budget: `fine_tune_groups(freeze_epochs + epochs - 1, lr)`; returns its plan (the others return None).
+
+    `lr_mult`: the spread of the discriminative rates (default: fastai's 100, the recipe's `DEFAULT_LR_MULT`).
     """
     from .callbacks import GradualUnfreeze
+    from .recipe import DEFAULT_LR_MULT, fine_tune_groups
+    lr_mult = DEFAULT_LR_MULT if lr_mult is None else lr_mult
     if schedule == "fine_tune_groups":
-        from .recipe import fine_tune_groups
-        fine_tune_groups(learn, max(1, freeze_epochs + epochs - 1), base_lr=lr, lr_mult=lr_mult)
+        return fine_tune_groups(learn, max(1, freeze_epochs + epochs - 1), base_lr=lr, lr_mult=lr_mult)
     elif schedule in ("fine_tune", "two_groups"):
         learn.fine_tune(epochs, base_lr=lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult)
     elif schedule == "gradual":
@@ -137,12 +141,31 @@ def run_schedule(learn, schedule: str, epochs: int, freeze_epochs: int, lr: floa
         learn.fit_one_cycle(freeze_epochs + epochs, slice(lr / lr_mult, lr))
     else:
         raise UsageError(f"unknown schedule {schedule!r}: choose from {', '.join(SCHEDULES)}")
+    return None
 
 
-def _results(learn) -> dict:
-    "The last epoch's metrics and every epoch's (all fits, with phase names); None where a value is NaN."
+def _recipe_text(p: dict, args) -> str:
+    "The report's schedule paragraph for the recipe's plan `p`: what it chose, why, and what was rolled back."
+    from .recipe import DEFAULT_LR_MULT
+    unfrozen = (f"then {p['unfrozen_epochs']} unfrozen epoch(s) at `slice(lr/{2 * DEFAULT_LR_MULT:g}, lr/2)`"
+                + (", **rolled back** (it did not improve validation): the head phase's weights are returned. "
+                   if "unfrozen" in p["rolled_back"] else ", kept (validation improved). ")
+                if p["unfrozen_epochs"] else "the body never unfrozen. ")
+    return (f"`fine_tune_groups({p['budget'] - 1}, base_lr={args.lr})` (the budget of `fine_tune` with "
+            f"{args.freeze_epochs} frozen + {args.epochs} epochs). Chosen because {p['why']}: "
+            f"{'norm statistics re-estimated, then ' if p['reestimate'] else ''}{p['head_epochs']} head epochs on the "
+            f"frozen body with its pretrained norm statistics{' (feature cache)' if p['cached'] else ''}, " + unfrozen
+            + "The rule comes from the study in BENCHMARKS.md (section `recipes`, `python -m bench recipes`); "
+            "`--schedule fine_tune` runs fastai's.")
+
+
+def _results(learn, plan: Optional[dict] = None) -> dict:
+    """The final model's metrics (the recipe's `plan["result"]` when it rolled a phase back, else the last epoch's)
+    and every epoch's (all fits, with phase names); None where a value is NaN."""
     rows = learn.epoch_log.rows
     last = rows[-1] if rows else {}
+    if plan and plan.get("rolled_back"):
+        last = plan["result"]
     return {"accuracy": last.get("accuracy"), "error_rate": last.get("error_rate"),
             "valid_loss": last.get("valid_loss"), "accuracy_per_epoch": [r.get("accuracy") for r in rows],
             "epochs": rows}
@@ -211,8 +234,7 @@ def cmd_finetune(args) -> list[str]:
                                      folder_check=args.folder_check)
     check_batches(len(dls.train_ds), len(dls.valid_ds), len(dls.train), args)  # as fastai counts
     args.out = out
-    recipe = args.schedule == "fine_tune_groups" and args.freeze_epochs > 0
-    learn = _learner(dls, args, train_bn=not recipe)
+    learn = _learner(dls, args)
     check_size(learn, args)
     t_data = time.perf_counter() - t0
     name = _data_name(path, args.path).replace("`", "")
@@ -220,16 +242,17 @@ def cmd_finetune(args) -> list[str]:
           f"{len(dls.vocab)} classes); model: {args.arch}; device: {device}; threads: {args.threads_used[0]}")
     t1 = time.perf_counter()
     args.stage.started = True
+    plan = None
     if args.freeze_epochs:
-        run_schedule(learn, args.schedule, args.epochs, args.freeze_epochs, args.lr)
+        plan = run_schedule(learn, args.schedule, args.epochs, args.freeze_epochs, args.lr)
     else:  # fine_tune's second phase only
         learn.unfreeze()
         learn.fit_one_cycle(args.epochs, slice(args.lr / 200, args.lr / 2))
     t_train = time.perf_counter() - t1
     why = diverged(learn, args.lr)
-    if why:
+    if why and not (plan and plan["rolled_back"] == ["unfrozen"]):   # the recipe returned its head phase's weights
         raise UsageError(why)
-    res = _results(learn)
+    res = _results(learn, plan)
 
     learn.path = args.stage.out  # what the exported learner remembers: the final folder, not the staging one
     learn.export(out / "export.pkl")
@@ -241,17 +264,8 @@ def cmd_finetune(args) -> list[str]:
     plt.gcf().savefig(out / "confusion_matrix.png", dpi=100, bbox_inches="tight")
     plt.close("all")
     n_epochs = args.freeze_epochs + args.epochs
-    if recipe:
-        p = learn.recipe_plan
-        schedule = (f"`fine_tune_groups({p['budget'] - 1}, base_lr={args.lr})` (the budget of `fine_tune` with "
-                    f"{args.freeze_epochs} frozen + {args.epochs} epochs; `train_bn=False`): "
-                    f"{'norm statistics re-estimated, then ' if p['reestimate'] else ''}{p['head_epochs']} head epochs "
-                    f"on the frozen body{' (feature cache)' if p['cached'] else ''}, "
-                    + (f"then {p['unfrozen_epochs']} unfrozen epoch(s) at `slice(lr/200, lr/2)`. "
-                       if p["unfrozen_epochs"] else "the body never unfrozen. ")
-                    + "This recipe ran because the study in BENCHMARKS.md (section `recipes`, `python -m bench "
-                    "recipes`) measured it more accurate than fastai's `fine_tune` at less time on every dataset and "
-                    "architecture it covers; `--schedule fine_tune` runs fastai's.")
+    if plan:
+        schedule = _recipe_text(plan, args)
     elif args.freeze_epochs and args.schedule != "fine_tune":
         schedule = f"schedule `{args.schedule}` (see `fastai-groups compare`), {n_epochs} epochs in all."
     elif args.freeze_epochs:
@@ -320,7 +334,7 @@ def cmd_compare(args) -> list[str]:
     for s in schedules:
         set_seed(args.seed, reproducible=True)
         splitter = functools.partial(auto_splitter, n_groups=2) if s == "two_groups" else None
-        learn = _learner(dls, args, splitter=splitter, fname=f"group_log_{s}.csv", train_bn=s != "fine_tune_groups")
+        learn = _learner(dls, args, splitter=splitter, fname=f"group_log_{s}.csv")
         if not rows:
             check_size(learn, args)
             args.stage.started = True
@@ -328,11 +342,11 @@ def cmd_compare(args) -> list[str]:
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()) if args.quiet else contextlib.nullcontext():
-            run_schedule(learn, s, args.epochs, args.freeze_epochs, args.lr)
+            plan = run_schedule(learn, s, args.epochs, args.freeze_epochs, args.lr)
         dt = time.perf_counter() - t
-        res = _results(learn)
+        res = _results(learn, plan)
         n_epochs = args.freeze_epochs + args.epochs
-        why = diverged(learn, args.lr)
+        why = None if plan and plan["rolled_back"] == ["unfrozen"] else diverged(learn, args.lr)
         rnd = lambda x: None if x is None or why else round(x, 4)  # noqa: E731
         row = {"schedule": s, "groups": len(learn.opt.param_lists), "accuracy": rnd(res["accuracy"]),
                "error_rate": rnd(res["error_rate"]), "s_per_epoch": round(dt / n_epochs, 2)}
@@ -410,6 +424,8 @@ def _train_options(p: argparse.ArgumentParser, out: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastai-groups", description="Fine-tune image classifiers with discriminative "
                      "learning rates on automatically found parameter groups.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"fastai-groups {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("summary", help="print an architecture summary", description="Print arch_summary.")
     p.add_argument("arch", help="torchvision name (resnet50), timm name (timm:convnext_tiny) or xresnet18")
@@ -462,7 +478,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.threads_used = pick_threads(args.threads)
             args.load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
             stage = Staging(Path(args.out))
-            stage.check()
+            stage.check(data=getattr(args, "path", None))
             check_folder(args)
             args.stage = stage
             stage.open()

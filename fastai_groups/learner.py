@@ -8,7 +8,7 @@ import functools
 import inspect
 import numbers
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union  # Sequence, Union: create_head's annotations in the @delegates signature
 
 import torch
 from fastai.learner import Learner
@@ -23,6 +23,7 @@ from .checkpoint import export_state, load_checkpoint, restore_export, save_chec
 from .frozen import FastFrozenBody
 from .cache import FeatureCache
 from .head import create_head, join_head
+from .recipe import DEFAULT_LR, DEFAULT_LR_MULT, fine_tune_groups
 from .splitters import auto_splitter, group_names, learner_group_names
 from .weights import known_stats
 
@@ -162,6 +163,21 @@ class GroupLearner(Learner):
                              f"{what} trains the last {k}, that is all of them; use {ok}: {rule}")
         super().freeze_to(n)
 
+    def fine_tune_groups(self, epochs: int, base_lr: float = DEFAULT_LR, head_epochs: Optional[int] = None,
+                         unfrozen_epochs: Optional[int] = None, lr_mult: float = DEFAULT_LR_MULT,
+                         reestimate: Optional[bool] = None, cache: Optional[bool] = None,
+                         keep_norm_stats: Optional[bool] = None, **kwargs) -> dict:
+        """The library's recipe within fastai's `fine_tune(epochs)` budget: a head phase on the frozen body, then,
+        when the data are large enough, an unfrozen phase at discriminative rates kept only if validation improves
+        (`fastai_groups.recipe.fine_tune_groups`, which documents every argument). Returns the plan that ran.
+
+        >>> learn = group_learner(dls, "tf_efficientnet_lite0", metrics=accuracy)  # doctest: +SKIP
+        >>> learn.fine_tune_groups(3)["unfrozen_epochs"]  # doctest: +SKIP
+        0
+        """
+        return fine_tune_groups(self, epochs, base_lr, head_epochs, unfrozen_epochs, lr_mult, reestimate, cache,
+                                keep_norm_stats, **kwargs)
+
     def save(self, file: Any, with_opt: bool = True, pickle_protocol: int = 2, **torch_save_kwargs) -> Any:
         """fastai's `save` (`{'model': ..., 'opt': ...}` in `path/model_dir/file.pth`, rank 0 only), plus what
         resuming needs and fastai does not keep (`checkpoint.py`): the groups (names, sizes), the freeze state
@@ -242,7 +258,7 @@ def group_learner(dls, arch: Any, n_out: Optional[int] = None, pretrained: Optio
                   splitter: Optional[Callable] = auto_splitter, cut: Cut = None, train_bn: bool = True,
                   cache_features: bool = False, metrics=None, cbs=None, n_in: int = 3,
                   loss_func: Optional[Callable] = None, opt_func: Callable = Adam, lr: float = 1e-3,
-                  normalize: bool = True, init: Optional[Callable] = nn.init.kaiming_normal_, **kwargs):
+                  normalize: bool = True, init: Optional[Callable] = nn.init.kaiming_normal_, **kwargs) -> GroupLearner:
     """A fastai `Learner` fine-tuning `arch` on `dls`: fastai's `vision_learner` for any architecture.
 
     - `n_out`: from the data (`get_c(dls)`) when None; a `ValueError` when given and different from the data's.
@@ -303,7 +319,3 @@ def group_learner(dls, arch: Any, n_out: Optional[int] = None, pretrained: Optio
     learn.n_out, learn.pretrained = n_out, use_weights
     return learn
 
-
-from .recipe import fine_tune_groups as _fine_tune_groups  # noqa: E402  (recipe.py needs nothing from here)
-
-GroupLearner.fine_tune_groups = _fine_tune_groups

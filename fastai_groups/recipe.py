@@ -36,16 +36,18 @@ from .cache import FeatureCache, check_cacheable
 from .frozen import FastFrozenBody, body_of, norm_layers
 
 __all__ = ["fine_tune_groups", "recipe_plan", "reestimate_norm_stats", "ReestimateNorms", "KeepNormStats",
-           "FORWARD_COST"]
+           "FORWARD_COST", "UNFREEZE_FROM", "DEFAULT_LR", "DEFAULT_LR_MULT", "FORWARDED"]
 
 #: Cost of a forward-only epoch (fast frozen body, re-estimation) counted against the budget, in training passes
 #: (forward + backward through the body). Conservative: measured 0.30-0.35 on tf_efficientnet_lite0 on CPU.
 FORWARD_COST = 0.5
-#: Unfrozen epochs of the default recipe (the rest of the budget goes to the head phase); see `recipe_plan`. The study
-#: (BENCHMARKS.md, `recipes`) found unfreezing within fastai's budget lost accuracy against a longer head phase.
-DEFAULT_UNFROZEN = 0
+#: Training images per class from which the default plan unfreezes the body after the head phase (`recipe_plan`);
+#: fitted on the scale curve of the study (BENCHMARKS.md, `recipes`).
+UNFREEZE_FROM = 1000
 #: Default `base_lr` of the recipe (picked by the study).
 DEFAULT_LR = 2e-3
+#: Default spread of the unfrozen phase's rates: the first group trains at `1 / DEFAULT_LR_MULT` of the head's.
+DEFAULT_LR_MULT = 100.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,6 +81,19 @@ def _norm_pass(module: nn.Module, norms: list) -> Iterator[None]:
 def _plain(x: Any) -> Any:
     "fastai's tensor subclasses (`TensorImage`) as plain tensors: the body's forward is timed as in training."
     return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else x
+
+
+def _norm_stats(norms: list) -> list:
+    "A copy of the running statistics of `norms` (to put back when a pass saw no batch)."
+    return [(m, m.running_mean.clone(), m.running_var.clone(),
+             None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+
+
+def _put_back(stats: list) -> None:
+    for m, mean, var, n in stats:
+        m.running_mean.copy_(mean), m.running_var.copy_(var)
+        if n is not None:
+            m.num_batches_tracked.copy_(n)
 
 
 def _check_max_batches(max_batches: Optional[int]) -> None:
@@ -181,7 +196,7 @@ def reestimate_norm_stats(learn_or_model: Any, dl=None, max_batches: Optional[in
     if not norms:
         return 0
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    n = 0
+    n, saved = 0, _norm_stats(norms)
     with _norm_pass(module, norms), torch.no_grad():
         for b in dl:
             if max_batches is not None and n >= max_batches:
@@ -190,7 +205,8 @@ def reestimate_norm_stats(learn_or_model: Any, dl=None, max_batches: Optional[in
             module(_plain(x).to(device))
             n += 1
     if n == 0:
-        raise ValueError("reestimate_norm_stats: dl yielded no batch; the statistics were reset but not re-estimated")
+        _put_back(saved)
+        raise ValueError("reestimate_norm_stats: dl yielded no batch; the statistics are left as they were")
     return len(norms)
 
 
@@ -204,7 +220,7 @@ def _reestimate_learner(learn: Learner, dl, max_batches: Optional[int]) -> int:
     flags = [p.requires_grad for p in learn.model.parameters()]
     frozen_idx = getattr(learn.opt, "frozen_idx", 0)
     skip = [cb for cb in learn.cbs if isinstance(cb, FastFrozenBody)]
-    cb = ReestimateNorms(dl=dl, max_batches=max_batches)
+    cb, saved = ReestimateNorms(dl=dl, max_batches=max_batches), _norm_stats(norms)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")        # fastai warns that the whole model is frozen: that is the point
@@ -218,8 +234,9 @@ def _reestimate_learner(learn: Learner, dl, max_batches: Optional[int]) -> int:
             p.requires_grad_(f)
         learn.opt.frozen_idx = frozen_idx
     if cb.n_batches == 0:
-        raise ValueError("reestimate_norm_stats: the training data yielded no batch; the statistics were reset but "
-                         "not re-estimated")
+        _put_back(saved)
+        raise ValueError("reestimate_norm_stats: the training data yielded no batch; the statistics are left as they "
+                         "were")
     return len(norms)
 
 
@@ -239,34 +256,194 @@ def _positive(name: str, v: Any) -> float:
     return float(v)
 
 
-def recipe_plan(epochs: int, fast: bool, head_epochs: Optional[int] = None,
+def recipe_plan(epochs: int, per_class: Optional[float] = None, head_epochs: Optional[int] = None,
                 unfrozen_epochs: Optional[int] = None, reestimate: Optional[bool] = None) -> dict:
-    """The phases `fine_tune_groups(epochs)` runs, and their cost in training passes (fastai's `fine_tune(epochs)`
-    costs `epochs + 1`: its frozen epoch back-propagates through the body for the BatchNorms, `train_bn=True`).
+    """The phases `fine_tune_groups(epochs)` runs, their cost in training passes, and why. fastai's `fine_tune(epochs)`
+    costs `epochs + 1` passes; a head epoch on the frozen body (no autograd through it, norm layers in inference
+    mode) and the re-estimation pass each cost `FORWARD_COST`, an unfrozen epoch one pass.
 
-    `fast`: the head phase runs on the fast frozen body (`train_bn=False`): a head epoch and the re-estimation pass
-    each cost `FORWARD_COST` (a forward without autograd). Otherwise (`train_bn=True`) a head epoch costs a pass.
-    Defaults: no re-estimation, `DEFAULT_UNFROZEN` unfrozen epochs (fewer when `epochs` is small), and as many head
-    epochs as the rest of the budget pays for.
+    The default plan decides from the data: with at least `UNFREEZE_FROM` training images per class (`per_class`),
+    half the budget goes to an unfrozen phase (`max(1, (epochs + 1) // 2)` epochs, discriminative rates), kept only
+    if it improves the validation result; below that, or when `per_class` is unknown, the whole budget goes to the
+    head phase (`2 * (epochs + 1)` epochs) and the body is never unfrozen (the scale curve in BENCHMARKS.md,
+    `recipes`). `head_epochs`, `unfrozen_epochs`, `reestimate` override (then the budget is yours).
 
-    >>> recipe_plan(3, fast=True)
-    {'reestimate': False, 'head_epochs': 8, 'unfrozen_epochs': 0, 'passes': 4.0, 'budget': 4}
-    >>> recipe_plan(3, fast=True, unfrozen_epochs=1, reestimate=True)
-    {'reestimate': True, 'head_epochs': 5, 'unfrozen_epochs': 1, 'passes': 4.0, 'budget': 4}
-    >>> recipe_plan(3, fast=False)
-    {'reestimate': False, 'head_epochs': 4, 'unfrozen_epochs': 0, 'passes': 4.0, 'budget': 4}
+    >>> recipe_plan(3, per_class=100)["head_epochs"], recipe_plan(3, per_class=100)["unfrozen_epochs"]
+    (8, 0)
+    >>> {k: recipe_plan(3, per_class=5000)[k] for k in ("head_epochs", "unfrozen_epochs", "passes", "budget")}
+    {'head_epochs': 4, 'unfrozen_epochs': 2, 'passes': 4.0, 'budget': 4}
     """
     epochs = _int("epochs", epochs, 1)
     budget = epochs + 1
-    U = min(DEFAULT_UNFROZEN, epochs - 1) if unfrozen_epochs is None else _int("unfrozen_epochs", unfrozen_epochs, 0)
     R = False if reestimate is None else bool(reestimate)
-    cost = FORWARD_COST if fast else 1.0
+    if unfrozen_epochs is not None:
+        U = _int("unfrozen_epochs", unfrozen_epochs, 0)
+        why = f"unfrozen_epochs={U} as asked"
+    elif per_class is not None and per_class >= UNFREEZE_FROM:
+        U = max(1, budget // 2)
+        why = (f"{per_class:,.0f} training images per class >= {UNFREEZE_FROM:,}: the body is unfrozen after the head "
+               "phase and kept only if validation improves")
+    else:
+        U = 0
+        why = (f"{per_class:,.0f} training images per class < {UNFREEZE_FROM:,}" if per_class is not None else
+               "images per class unknown") + ": the head trains on the frozen body, which is never unfrozen"
     if head_epochs is None:
-        H = max(1, int((budget - U - R * FORWARD_COST) / cost + 1e-9))
+        H = max(1, int((budget - U - R * FORWARD_COST) / FORWARD_COST + 1e-9))
     else:
         H = _int("head_epochs", head_epochs, 1)
     return {"reestimate": R, "head_epochs": H, "unfrozen_epochs": U,
-            "passes": round(U + H * cost + R * FORWARD_COST, 3), "budget": budget}
+            "passes": round(U + (H + R) * FORWARD_COST, 3), "budget": budget, "why": why}
+
+
+#: keyword arguments of `fit_one_cycle` that `fine_tune_groups` forwards to every phase (the rest it sets itself)
+FORWARDED = ("wd", "moms", "cbs", "div", "div_final", "pct_start", "reset_opt")
+
+
+def _fit_kwargs(kwargs: dict) -> dict:
+    "The keyword arguments for `fit_one_cycle`, refused before any training when the recipe sets them or they are unknown."
+    own = {"n_epoch": "epochs", "lr_max": "base_lr", "start_epoch": "nothing: each phase starts at epoch 0"}
+    for k in kwargs:
+        if k in own:
+            raise ValueError(f"fine_tune_groups: {k}= is set by the recipe; use {own[k]}")
+        if k not in FORWARDED:
+            raise TypeError(f"fine_tune_groups got an unexpected keyword argument {k!r}; it forwards "
+                            f"{', '.join(FORWARDED)} to fit_one_cycle")
+    return dict(kwargs)
+
+
+def _n_classes(dls) -> Optional[int]:
+    "The number of classes of a single-label classification task (`dls.vocab`), else None."
+    vocab = getattr(dls, "vocab", None)
+    try:
+        return len(vocab) if vocab is not None and not isinstance(vocab[0], (list, tuple)) else None
+    except Exception:
+        return None
+
+
+def _check_learner(learn: Learner, fit_cbs) -> Optional[float]:
+    """Refuse, before anything trains, what the recipe cannot run as planned; returns training images per class
+    (None when the task has no classes)."""
+    from .callbacks import GradualUnfreeze
+    from .splitters import learner_group_names
+    if not isinstance(learn, Learner):
+        raise TypeError(f"fine_tune_groups takes a fastai Learner, got {type(learn).__name__}")
+    if learn.opt is None:
+        learn.create_opt()
+    k = len(learn.opt.param_lists)
+    if k < 2:
+        raise ValueError(f"fine_tune_groups needs the head in a parameter group of its own, but the learner has 1 group "
+                         f"({', '.join(learner_group_names(learn))}), so freeze() would freeze nothing: build it with "
+                         "splitter=auto_splitter (or group_learner)")
+    cbs = [*learn.cbs, *([] if fit_cbs is None else fit_cbs if isinstance(fit_cbs, (list, tuple)) else [fit_cbs])]
+    fights = sorted({type(c).__name__ for c in cbs if isinstance(c, GradualUnfreeze) or
+                     (isinstance(c, type) and issubclass(c, GradualUnfreeze))})
+    if fights:
+        raise ValueError(f"fine_tune_groups decides when the body is frozen, but {', '.join(fights)} in the callbacks "
+                         f"changes it too: remove it (learn.remove_cb), or train with fit_one_cycle and it")
+    dl = learn.dls.train
+    if len(dl) == 0:
+        raise ValueError(f"fine_tune_groups: the training data give no batch ({len(dl.dataset)} items, batch size "
+                         f"{dl.bs}{', drop_last' if getattr(dl, 'drop_last', False) else ''}): lower bs, or add images")
+    n_classes = _n_classes(learn.dls)
+    if n_classes is not None and n_classes < 2:
+        raise ValueError(f"fine_tune_groups: the data have {n_classes} class ({', '.join(map(str, learn.dls.vocab))}); "
+                         "a classifier needs at least 2 (one folder per class)")
+    return len(dl.dataset) / n_classes if n_classes else None
+
+
+def _monitor(learn: Learner) -> tuple[str, int, bool]:
+    """(name, index in `recorder.values[-1]`, higher is better) of what decides a phase: the first metric, else the
+    validation loss (fastai's `TrackerCallback` rule: lower is better for a loss or an error)."""
+    names = list(learn.recorder.metric_names[1:-1])     # train_loss, valid_loss, metrics..., (time dropped)
+    if len(names) > 2:
+        name = names[2]
+        return name, 2, not ("loss" in name or "error" in name)
+    return "valid_loss", 1, False
+
+
+def _result(learn: Learner) -> dict:
+    "The last epoch's validation figures of the last fit: {valid_loss: ..., metric: ...}."
+    vals = learn.recorder.values[-1] if learn.recorder.values else []
+    names = list(learn.recorder.metric_names[1:-1])
+    return {n: float(v) for n, v in zip(names[1:], vals[1:])}
+
+
+def _worse(before: dict, after: dict, name: str, higher: bool) -> Optional[str]:
+    "Why `after` is no improvement on `before` (None when it is better)."
+    loss = after.get("valid_loss", float("nan"))
+    if not math.isfinite(loss):
+        return f"its validation loss is {loss}"
+    b, a = before.get(name, float("nan")), after.get(name, float("nan"))
+    if not math.isfinite(a) or (math.isfinite(b) and (a <= b if higher else a >= b)):
+        return f"validation {name} {b:.4g} -> {a:.4g}"
+    return None
+
+
+@contextlib.contextmanager
+def _norms_frozen_with_body(learn: Learner) -> Iterator[None]:
+    """Inside: a frozen group's norm layers are frozen too (`train_bn=False`), whatever the learner's `train_bn`, so
+    the head phase runs on the fast frozen body with the pretrained statistics; after: `train_bn` as it was, and the
+    freeze state re-applied with it (fastai's meaning for whatever the user runs next)."""
+    from fastai.torch_core import norm_bias_params
+
+    def force_train(on: bool) -> None:      # fastai's `Learner.create_opt` rule for train_bn
+        for p in norm_bias_params(learn.model, False):
+            if on:
+                learn.opt.state[p]["force_train"] = True
+            else:
+                learn.opt.state[p].pop("force_train", None)
+
+    train_bn = learn.train_bn
+    force_train(False)
+    learn.train_bn = False
+    try:
+        yield
+    finally:
+        learn.train_bn = train_bn
+        force_train(bool(train_bn))
+        learn.opt.freeze_to(learn.opt.frozen_idx)
+
+
+def _snapshot(learn: Learner) -> dict:
+    return {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
+
+
+def _roll_back(learn: Learner, weights: dict, phase: str, why: str, fix: str) -> None:
+    "Put the weights from before `phase` back, with one warning."
+    learn.model.load_state_dict(weights)
+    warnings.warn(f"fine_tune_groups: the {phase} made the model worse ({why}); rolled back to the weights before "
+                  f"it. {fix}", stacklevel=3)
+
+
+def _say(learn, msg: str) -> None:
+    from ._utils import say
+    say(msg, quiet=hasattr(learn, "lr_finder"))
+
+
+def _cache_served(learn: Learner) -> bool:
+    "Whether a `FeatureCache` holds features now (it served the head phase)."
+    return any(isinstance(cb, FeatureCache) and cb.nbytes > 0 for cb in learn.cbs)
+
+
+def _head_phase_cbs(learn, cache: Optional[bool]) -> tuple[list, list]:
+    "(callbacks to add, callbacks to remove) for the head phase: the fast frozen body, or the feature cache."
+    from fastai.callback.training import BnFreeze
+    try:
+        body_of(learn.model)
+    except TypeError:           # not nn.Sequential(body, head): fastai's BnFreeze keeps the frozen norms in eval
+        if cache:
+            raise ValueError("fine_tune_groups: cache=True needs learn.model = nn.Sequential(body, head) "
+                             "(cnn_model, group_learner)") from None
+        return ([] if any(isinstance(cb, BnFreeze) for cb in learn.cbs) else [BnFreeze()]), []
+    ffbs = [cb for cb in learn.cbs if isinstance(cb, FastFrozenBody)]
+    caches = [cb for cb in ffbs if isinstance(cb, FeatureCache)]
+    verbose = all(getattr(cb, "verbose", True) for cb in ffbs)
+    if cache or (cache is None and _cacheable(learn)):
+        if cache:
+            check_cacheable(learn.dls, learn.cbs)       # the clear reason when asked for and impossible
+        return ([] if caches else [FeatureCache(verbose=verbose)]), []
+    plain = [cb for cb in ffbs if not isinstance(cb, FeatureCache)]
+    return ([] if plain else [FastFrozenBody(verbose=verbose)]), caches
 
 
 def _cacheable(learn) -> bool:
@@ -277,77 +454,80 @@ def _cacheable(learn) -> bool:
         return False
 
 
-def _head_phase_cbs(learn, fast: bool, cache: Optional[bool]) -> tuple[list, list, bool]:
-    "(callbacks to add, callbacks to remove, cached) for the head phase."
-    ffbs = [cb for cb in learn.cbs if isinstance(cb, FastFrozenBody)]
-    caches = [cb for cb in ffbs if isinstance(cb, FeatureCache)]
-    if not fast:
-        return [], [], False
-    use = _cacheable(learn) if cache is None else bool(cache)
-    verbose = all(getattr(cb, "verbose", True) for cb in ffbs)
-    if use:
-        if cache:
-            check_cacheable(learn.dls, learn.cbs)       # the clear reason when asked for and impossible
-        return ([] if caches else [FeatureCache(verbose=verbose)]), [], True
-    plain = [cb for cb in ffbs if not isinstance(cb, FeatureCache)]
-    return ([] if plain else [FastFrozenBody(verbose=verbose)]), caches, False
-
-
 def fine_tune_groups(learn: Learner, epochs: int, base_lr: float = DEFAULT_LR, head_epochs: Optional[int] = None,
-                     unfrozen_epochs: Optional[int] = None, lr_mult: float = 100, reestimate: Optional[bool] = None,
-                     cache: Optional[bool] = None, keep_norm_stats: Optional[bool] = None, **kwargs) -> dict:
-    """Fine-tune with the library's recipe, within the budget of fastai's `fine_tune(epochs)`: train the head long
-    on the frozen body (by default `2 * (epochs + 1)` epochs on the fast frozen body, never unfrozen), optionally
-    after re-estimating the body's norm statistics and followed by `unfrozen_epochs` with discriminative learning
-    rates over the groups (see the module docstring and `recipe_plan`). Picked by the study in `bench/recipes.py`
-    (BENCHMARKS.md, "recipes").
+                     unfrozen_epochs: Optional[int] = None, lr_mult: float = DEFAULT_LR_MULT,
+                     reestimate: Optional[bool] = None, cache: Optional[bool] = None,
+                     keep_norm_stats: Optional[bool] = None, **kwargs) -> dict:
+    """Fine-tune with the library's recipe, within the budget of fastai's `fine_tune(epochs)`, deciding from the data
+    whether to unfreeze (`recipe_plan`; picked by the study in `bench/recipes.py`, BENCHMARKS.md "recipes"):
+
+    1. head phase: the head trains on the frozen body, whose norm layers keep their pretrained statistics (the fast
+       frozen body, or the feature cache when the training data are deterministic), whatever the learner's
+       `train_bn` (which keeps its fastai meaning for `fine_tune` and `fit_one_cycle`);
+    2. with enough images per class (`UNFREEZE_FROM`): the unfrozen phase, every group at discriminative rates
+       `slice(base_lr / 2 / lr_mult, base_lr / 2)`, norm statistics kept (`KeepNormStats`); it is kept only if the
+       validation result (first metric, else loss) improves, else the head phase's weights come back.
+
+    One line says what it chose and why. A phase whose validation loss is not finite, or that made the result worse,
+    is rolled back to the weights before it, with a warning: the returned model is never worse on validation than
+    its own head phase.
 
     - `epochs`: the budget, as in `fine_tune(epochs)`: at most `epochs + 1` training passes (`recipe_plan`).
-    - `base_lr`: the head phase's peak lr; the unfrozen phase peaks at `base_lr / 2` on the head and
-      `base_lr / 2 / lr_mult` on the first group (fastai's rule).
-    - `head_epochs`, `unfrozen_epochs`, `reestimate`: override the plan (then the budget is yours).
-    - `keep_norm_stats`: in the unfrozen phase keep the body's norm layers in inference mode (`KeepNormStats`);
-      default: on the fast path (`train_bn=False`).
-    - `cache`: use the `FeatureCache` in the head phase; default: when the training data are deterministic
-      (`check_cacheable`) and the body runs on the fast path. With random augmentation the fast frozen body is used.
-    - `train_bn` (of the learner) either way: with `train_bn=True` the frozen body's BatchNorms train in the head
-      phase (fastai's meaning), so head epochs cost a full pass and there are fewer of them.
-    - other keyword arguments go to every `fit_one_cycle` (`wd`, `cbs`, ...).
+    - `base_lr`: the head phase's peak lr; the unfrozen phase peaks at `base_lr / 2` on the head.
+    - `head_epochs`, `unfrozen_epochs`, `reestimate` (`reestimate_norm_stats` first: AdaBN): override the plan.
+    - `keep_norm_stats`: the body's norm layers in inference mode in the unfrozen phase (default True).
+    - `cache`: the `FeatureCache` in the head phase; default: when the training data are deterministic.
+    - other keyword arguments (`wd`, `moms`, `cbs`, `div`, `pct_start`, ...: `FORWARDED`) go to every `fit_one_cycle`.
 
-    Returns the plan that ran (`recipe_plan`'s dict plus `cached`); also kept as `learn.recipe_plan`.
+    Returns the plan that ran (`recipe_plan`'s dict plus `cached`, `rolled_back` (the phases undone), `result` (the
+    returned model's validation figures)); also kept as `learn.recipe_plan`.
 
-    >>> learn = group_learner(dls, "timm:tf_efficientnet_lite0", train_bn=False, metrics=accuracy)  # doctest: +SKIP
-    >>> learn.fine_tune_groups(3)  # doctest: +SKIP
-    {'reestimate': False, 'head_epochs': 8, 'unfrozen_epochs': 0, 'passes': 4.0, 'budget': 4, 'cached': False}
+    >>> learn = group_learner(dls, "timm:tf_efficientnet_lite0", metrics=accuracy)  # doctest: +SKIP
+    >>> learn.fine_tune_groups(3)["why"]  # doctest: +SKIP
+    fine_tune_groups(3): 100 training images per class < 1,000: the head trains on the frozen body, ...
     """
     epochs = _int("epochs", epochs, 1)
     base_lr = _positive("base_lr", base_lr)
     lr_mult = _positive("lr_mult", lr_mult)
-    if not isinstance(learn, Learner):
-        raise TypeError(f"fine_tune_groups takes a fastai Learner, got {type(learn).__name__}")
-    fast = not getattr(learn, "train_bn", True)
-    if not fast:
-        warnings.warn("fine_tune_groups: this learner has train_bn=True, so the head phase trains the frozen body's "
-                      "BatchNorms (a full pass per epoch, fewer epochs); the study's pick, 13 to 32 points better, "
-                      "runs on the fast frozen body: build the learner with group_learner(..., train_bn=False)",
-                      stacklevel=2)
-    if cache and not fast:
-        raise ValueError("fine_tune_groups: cache=True needs a learner with train_bn=False (with train_bn=True the "
-                         "frozen body's norm layers train, so its features cannot be cached)")
-    plan = recipe_plan(epochs, fast, head_epochs, unfrozen_epochs, reestimate)
-    learn.freeze()
-    add, remove, cached = _head_phase_cbs(learn, fast, cache)
-    plan["cached"] = cached
+    fit_kw = _fit_kwargs(kwargs)
+    per_class = _check_learner(learn, fit_kw.get("cbs"))
+    plan = recipe_plan(epochs, per_class, head_epochs, unfrozen_epochs, reestimate)
+    unfrozen_kw = {"pct_start": 0.3, "div": 5.0, **fit_kw}
+    add, remove = _head_phase_cbs(learn, cache)
+    plan.update(cached=False, rolled_back=[], keep_norm_stats=True if keep_norm_stats is None else bool(keep_norm_stats))
     learn.recipe_plan = plan
-    if plan["reestimate"]:
-        reestimate_norm_stats(learn)
-    with learn.added_cbs(add), learn.removed_cbs(remove):
-        learn.fit_one_cycle(plan["head_epochs"], base_lr, **kwargs)
-    if plan["unfrozen_epochs"]:
-        learn.unfreeze()
-        lr = base_lr / 2
-        keep = fast if keep_norm_stats is None else bool(keep_norm_stats)
-        plan["keep_norm_stats"] = keep
-        with learn.added_cbs([KeepNormStats()] if keep else []):
-            learn.fit_one_cycle(plan["unfrozen_epochs"], slice(lr / lr_mult, lr), pct_start=0.3, div=5.0, **kwargs)
+    _say(learn, f"fine_tune_groups({epochs}): {plan['why']} (head {plan['head_epochs']} epochs"
+                f"{', then unfrozen ' + str(plan['unfrozen_epochs']) if plan['unfrozen_epochs'] else ''})")
+    with _norms_frozen_with_body(learn):
+        learn.freeze()
+        if plan["reestimate"]:
+            reestimate_norm_stats(learn)
+        start = _snapshot(learn)
+        with learn.added_cbs(add), learn.removed_cbs(remove):
+            learn.fit_one_cycle(plan["head_epochs"], base_lr, **fit_kw)
+            plan["cached"] = _cache_served(learn)
+        head = _result(learn)
+        if not math.isfinite(head.get("valid_loss", float("nan"))):
+            _roll_back(learn, start, "head phase", f"its validation loss is {head.get('valid_loss')}",
+                       f"Lower base_lr (it was {base_lr:g}).")
+            plan["rolled_back"].append("head")
+            plan["unfrozen_epochs"] = 0
+        plan["result"] = head
+        if plan["unfrozen_epochs"]:
+            name, _, higher = _monitor(learn)
+            before = _snapshot(learn)
+            learn.unfreeze()
+            lr = base_lr / 2
+            with learn.added_cbs([KeepNormStats()] if plan["keep_norm_stats"] else []):
+                learn.fit_one_cycle(plan["unfrozen_epochs"], slice(lr / lr_mult, lr), **unfrozen_kw)
+            after = _result(learn)
+            worse = _worse(head, after, name, higher)
+            if worse is None:
+                plan["result"] = after
+                _say(learn, f"fine_tune_groups: unfrozen phase kept (validation {name} "
+                            f"{head.get(name, float('nan')):.4g} -> {after.get(name, float('nan')):.4g})")
+            else:
+                learn.freeze()
+                _roll_back(learn, before, "unfrozen phase", worse, "The head phase's weights are returned.")
+                plan["rolled_back"].append("unfrozen")
     return plan

@@ -11,8 +11,8 @@ from fastai.vision.all import Brightness, Flip, ImageDataLoaders, RandomErasing,
 from PIL import Image
 from torch import nn
 
-from fastai_groups import FeatureCache, arch_summary, auto_splitter, check_cacheable, check_groups, \
-    check_image_folder, checked, group_learner
+from fastai_groups import FeatureCache, GradualUnfreeze, arch_summary, auto_splitter, check_cacheable, \
+    check_groups, check_image_folder, checked, fine_tune_groups, group_learner, reestimate_norm_stats
 from test_checkpoint import TinyNet
 
 torch.set_num_threads(1)
@@ -23,7 +23,7 @@ def seq():
 
 
 def dls_of(root, **kwargs):
-    return ImageDataLoaders.from_folder(root, train="train", valid="valid", bs=6, num_workers=0, **kwargs)
+    return ImageDataLoaders.from_folder(root, train="train", valid="valid", num_workers=0, **{"bs": 6, **kwargs})
 
 
 def learner(root, tmp, **kwargs):
@@ -51,6 +51,25 @@ def write(tmp, name, data: bytes):
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_bytes(data)
     return f
+
+
+def plain_learner(root):
+    "A plain fastai Learner (one parameter group) on TinyNet, with train_bn=False."
+    from fastai.learner import Learner
+    return Learner(dls_of(root), TinyNet(), train_bn=False)
+
+
+def quiet_fit(learn, **kwargs):
+    with learn.no_bar(), learn.no_logging():
+        return learn.fine_tune_groups(2, **kwargs)
+
+
+def ten_classes(root, tmp):
+    "`learner(root, tmp)` with a head of 10 classes."
+    learn = learner(root, tmp)
+    learn.model[1][-1] = nn.Linear(16, 10)
+    learn.create_opt()
+    return learn
 
 
 def load_bytes(root, tmp, name, data: bytes):
@@ -183,6 +202,33 @@ ROWS = [
     ("check_cacheable-MixUp", lambda r, t: check_cacheable(dls_of(r), [MixUp()]), ValueError,
      "FeatureCache: MixUp mixes the training batches at random: cached features would freeze one mix"),
     ("FeatureCache-fit-random", lambda r, t: learner(r, t, train_bn=False, cache_features=True).fit(1), None, None),
+    # fine_tune_groups (the recipe): checked before anything trains; a phase that hurts is rolled back
+    ("fine_tune_groups-one-group", lambda r, t: fine_tune_groups(plain_learner(r), 2), ValueError,
+     "fine_tune_groups needs the head in a parameter group of its own, but the learner has 1 group (group0), so "
+     "freeze() would freeze nothing: build it with splitter=auto_splitter (or group_learner)"),
+    ("fine_tune_groups-gradual", lambda r, t: learner(r, t, cbs=GradualUnfreeze()).fine_tune_groups(2), ValueError,
+     "fine_tune_groups decides when the body is frozen, but GradualUnfreeze in the callbacks changes it too"),
+    ("fine_tune_groups-no-batch", lambda r, t: group_learner(dls_of(folder(t, {"train/a": 24, "train/b": 24,
+     "valid/a": 2, "valid/b": 2}), bs=64), TinyNet, pretrained=False, lin_ftrs=[16]).fine_tune_groups(2), ValueError,
+     "fine_tune_groups: the training data give no batch (48 items, batch size 64, drop_last): lower bs, or add images"),
+    ("fine_tune_groups-one-class", lambda r, t: group_learner(dls_of(folder(t, {"train/a": 12, "valid/a": 2})), TinyNet,
+     n_out=1, pretrained=False, lin_ftrs=[16]).fine_tune_groups(2), ValueError,
+     "fine_tune_groups: the data have 1 class (a); a classifier needs at least 2 (one folder per class)"),
+    ("fine_tune_groups-lr_max", lambda r, t: learner(r, t).fine_tune_groups(2, lr_max=1e-3), ValueError,
+     "fine_tune_groups: lr_max= is set by the recipe; use base_lr"),
+    ("fine_tune_groups-unknown-kwarg", lambda r, t: learner(r, t).fine_tune_groups(2, lr_mul=10), TypeError,
+     "fine_tune_groups got an unexpected keyword argument 'lr_mul'; it forwards wd, moms, cbs, div, div_final, "
+     "pct_start, reset_opt to fit_one_cycle"),
+    ("fine_tune_groups-diverged", lambda r, t: quiet_fit(learner(r, t), base_lr=1e12), "warn",
+     "fine_tune_groups: the head phase made the model worse (its validation loss is nan); rolled back to the "
+     "weights before it. Lower base_lr (it was 1e+12)."),
+    ("reestimate-no-batch", lambda r, t: reestimate_norm_stats(group_learner(dls_of(folder(t, {"train/a": 2,
+     "train/b": 2, "valid/a": 1, "valid/b": 1}), bs=8), TinyNet, pretrained=False, lin_ftrs=[16])), ValueError,
+     "reestimate_norm_stats: the training data yielded no batch; the statistics are left as they were"),
+    ("load-other-shapes", lambda r, t: (ten_classes(r, t).save("ten"), learner(r, t).load("ten", with_opt=False)),
+     ValueError, "checkpoint {t}/models/ten.pth does not fit this learner's model (another number of classes?): 2 "
+     "tensors of another shape (1.8.weight: file (10, 16), learner (3, 16); 1.8.bias: file (10,), learner (3,)); "
+     "nothing was loaded: build the learner as the one that saved it"),
     ("FeatureCache-too-small", lambda r, t: frozen(learner(r, t, train_bn=False, cbs=FeatureCache(
         max_bytes=1000))).fit(1),
      "print", "FeatureCache: the features need 48.4 KiB (48 items x 1,032 bytes) > max_bytes = 1000 B; training "

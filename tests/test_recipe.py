@@ -1,6 +1,7 @@
 """Tests of the fine-tuning recipe (fastai_groups/recipe.py): a small CNN (random weights, 3 stages with BatchNorm) at
 32 px on the colour folder, and resnet18's body for the statistics themselves."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 from fastai_groups import GroupLogger, group_learner
-from fastai_groups.recipe import FORWARD_COST, fine_tune_groups, recipe_plan, reestimate_norm_stats
+from fastai_groups.recipe import FORWARD_COST, UNFREEZE_FROM, fine_tune_groups, recipe_plan, reestimate_norm_stats
 
 
 def make_dls(root, aug: bool):
@@ -51,6 +52,23 @@ class BodyPasses:
                 self.no_grad += 1
 
 
+class FitEnds:
+    "Keeps the model's state (weights and buffers) at the end of every fit it sees: `.states`, one per fit."
+
+    def __new__(cls):
+        from fastai.callback.core import Callback
+
+        class _FitEnds(Callback):
+            order = 100
+
+            def __init__(self):
+                self.states = []
+
+            def after_fit(self):
+                self.states.append({k: v.clone() for k, v in self.learn.model.state_dict().items()})
+        return _FitEnds()
+
+
 def fits_states(learn) -> dict:
     "{fit: set of states of the body groups} and {fit: states of the head group} from the GroupLogger history."
     h = learn.group_logger.history
@@ -65,34 +83,50 @@ def fits_states(learn) -> dict:
 def test_runs_and_logs_every_phase(image_folder, aug, train_bn, capsys):
     learn = make_learn(image_folder, aug, train_bn)
     before = [p.detach().clone() for p in learn.model[0].parameters()]
-    with learn.no_bar(), learn.no_logging():
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         plan = learn.fine_tune_groups(2, unfrozen_epochs=1, reestimate=True)
-    assert plan == learn.recipe_plan and plan["cached"] == (not aug and not train_bn)
+    assert plan == learn.recipe_plan and plan["cached"] == (not aug)
     body, head = fits_states(learn)
     assert sorted(body) == [0, 1, 2]          # fit 0: re-estimation (everything frozen, no step), 1: head, 2: unfrozen
     assert body[0] == {"frozen"} and head[0] == {"frozen"}
-    # the head phase: with train_bn=True the frozen body's BatchNorms train (fastai's meaning)
-    assert body[1] == ({"partial"} if train_bn else {"frozen"}) and head[1] == {"trainable"}
+    # the head phase runs on the fully frozen body whatever the learner's train_bn
+    assert body[1] == {"frozen"} and head[1] == {"trainable"}
     assert body[2] == {"trainable"}
     assert learn.group_logger.history.groupby("fit")["epoch"].max().tolist()[-2:] == \
         [plan["head_epochs"] - 1, plan["unfrozen_epochs"] - 1]
-    after = list(learn.model[0].parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(before, after))          # the unfrozen phase trained the body
-    assert all(p.requires_grad for p in learn.model.parameters())
-    assert math.isfinite(learn.recorder.values[-1][1])
+    changed = any(not torch.equal(a, b) for a, b in zip(before, learn.model[0].parameters()))
+    rolled = [str(w.message) for w in caught if "rolled back" in str(w.message)]
+    if plan["rolled_back"]:                   # the unfrozen phase did not improve validation: head-phase weights back
+        assert plan["rolled_back"] == ["unfrozen"] and len(rolled) == 1
+        assert not any(p.requires_grad for p in learn.model[0][1:].parameters() if p.ndim > 1)
+    else:
+        assert changed and all(p.requires_grad for p in learn.model.parameters()) and not rolled
+    assert math.isfinite(plan["result"]["valid_loss"])
     assert ("FeatureCache: body fully frozen" in capsys.readouterr().out) == plan["cached"]
 
 
-@pytest.mark.parametrize("train_bn", [False, True])
-def test_defaults_train_the_head_long_and_never_unfreeze(image_folder, train_bn):
-    learn = make_learn(image_folder, aug=True, train_bn=train_bn)
-    with learn.no_bar(), learn.no_logging():
-        plan = learn.fine_tune_groups(2)
-    assert (plan["reestimate"], plan["unfrozen_epochs"]) == (False, 0)
-    assert plan["head_epochs"] == (3 if train_bn else 6)       # 2 * (epochs + 1) on the fast path
-    body, head = fits_states(learn)
-    assert list(body) == [0] and body[0] == ({"partial"} if train_bn else {"frozen"}) and head[0] == {"trainable"}
-    assert learn.group_logger.history["epoch"].max() == plan["head_epochs"] - 1
+def test_defaults_do_not_depend_on_train_bn(image_folder, capsys):
+    "A learner built with defaults (train_bn=True) runs the same plan, to the same weights, as one with train_bn=False."
+    runs = {}
+    for train_bn in (True, False):
+        learn = make_learn(image_folder, aug=True, train_bn=train_bn)
+        with learn.no_bar(), learn.no_logging():
+            plan = learn.fine_tune_groups(2)
+        body, head = fits_states(learn)
+        assert list(body) == [0] and body[0] == {"frozen"} and head[0] == {"trainable"}
+        assert learn.group_logger.history["epoch"].max() == plan["head_epochs"] - 1
+        runs[train_bn] = plan, [p.detach().clone() for p in learn.model.parameters()], learn
+    (p1, w1, learn1), (p0, w0, _) = runs[True], runs[False]
+    assert p1 == p0 and (p1["reestimate"], p1["head_epochs"], p1["unfrozen_epochs"]) == (False, 6, 0)
+    assert all(torch.equal(a, b) for a, b in zip(w1, w0))
+    # 12 training images per class, below UNFREEZE_FROM: one line says so
+    assert "fine_tune_groups(2): 12 training images per class < 1,000" in capsys.readouterr().out
+    # after the recipe, train_bn=True keeps fastai's meaning: the frozen body's BatchNorms are trainable again
+    bns = [m for m in learn1.model[0].modules() if isinstance(m, nn.BatchNorm2d)]
+    convs = [m for m in learn1.model[0].modules() if isinstance(m, nn.Conv2d)]
+    assert all(p.requires_grad for m in bns for p in m.parameters())
+    assert not any(p.requires_grad for m in convs for p in m.parameters())
 
 
 def test_unfrozen_phase_keeps_norm_statistics_on_the_fast_path(image_folder):
@@ -101,12 +135,15 @@ def test_unfrozen_phase_keeps_norm_statistics_on_the_fast_path(image_folder):
         learn = make_learn(image_folder, aug=True)
         learn.freeze()
         bns = [m for m in learn.model[0].modules() if isinstance(m, nn.BatchNorm2d)]
-        start = [m.running_mean.clone() for m in bns]
+        start = {k: v.clone() for k, v in learn.model[0].state_dict().items() if "running_mean" in k}
         conv = learn.model[0][0][0].weight.detach().clone()
-        with learn.no_bar(), learn.no_logging():
-            plan = learn.fine_tune_groups(1, unfrozen_epochs=1, keep_norm_stats=keep)
-        assert plan["keep_norm_stats"] is keep and not torch.equal(conv, learn.model[0][0][0].weight)
-        stats[keep] = all(torch.equal(a, m.running_mean) for a, m in zip(start, bns))
+        ends = FitEnds()
+        with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")                  # a roll-back, if any, does not matter here
+            plan = learn.fine_tune_groups(1, unfrozen_epochs=1, keep_norm_stats=keep, cbs=ends)
+        unfrozen_end = ends.states[-1]                       # the model at the end of the unfrozen phase
+        assert plan["keep_norm_stats"] is keep and not torch.equal(conv, unfrozen_end["0.0.0.weight"])
+        stats[keep] = all(torch.equal(v, unfrozen_end["0." + k]) for k, v in start.items())
     assert stats == {True: True, False: False}
 
 
@@ -126,10 +163,7 @@ def test_budget_in_passes_is_within_fastai_fine_tune(image_folder, train_bn):
         with ours.no_bar(), ours.no_logging():
             plan = ours.fine_tune_groups(1, **kwargs)
         grad, fwd = count.grad / n, count.no_grad / n
-        if train_bn:    # frozen epochs back-propagate through the body (its BatchNorms train)
-            assert (grad, fwd) == (plan["head_epochs"] + plan["unfrozen_epochs"], plan["reestimate"])
-        else:
-            assert (grad, fwd) == (plan["unfrozen_epochs"], plan["head_epochs"] + plan["reestimate"])
+        assert (grad, fwd) == (plan["unfrozen_epochs"], plan["head_epochs"] + plan["reestimate"])   # any train_bn
         assert grad + FORWARD_COST * fwd <= 2 and plan["passes"] <= plan["budget"] == 2
 
 
@@ -192,6 +226,8 @@ def test_reestimate_on_a_learner_is_a_logged_fit(image_folder):
     (dict(epochs=3, head_epochs=0), r"head_epochs must be an int >= 1, got 0"),
     (dict(epochs=3, unfrozen_epochs=-1), r"unfrozen_epochs must be an int >= 0, got -1"),
     (dict(epochs=3, lr_mult=float("nan")), r"lr_mult must be a finite number > 0"),
+    (dict(epochs=3, lr_max=1e-3), r"lr_max= is set by the recipe; use base_lr"),
+    (dict(epochs=3, n_epoch=2), r"n_epoch= is set by the recipe; use epochs"),
 ])
 def test_bad_input_is_one_clear_line(image_folder, kwargs, match):
     learn = make_learn(image_folder)
@@ -208,22 +244,136 @@ def test_cache_refusals_are_one_line(image_folder):
         learn.fine_tune_groups(2, cache=True)
     assert "\n" not in str(e.value)
     learn = make_learn(image_folder, train_bn=True)
-    with pytest.raises(ValueError, match="cache=True needs a learner with train_bn=False"):
-        learn.fine_tune_groups(2, cache=True)
     with pytest.raises(ValueError, match="max_batches must be None or an int >= 1"):
         reestimate_norm_stats(learn, max_batches=0)
     with pytest.raises(ValueError, match=r"pass the data .*\(dl=...\)"):
         reestimate_norm_stats(learn.model[0])
 
 
-def test_plan_and_fastai_fine_tune_keeps_its_meaning():
-    assert recipe_plan(3, fast=True) == {"reestimate": False, "head_epochs": 8, "unfrozen_epochs": 0, "passes": 4.0,
-                                         "budget": 4}
-    assert recipe_plan(3, fast=True, unfrozen_epochs=1, reestimate=True)["head_epochs"] == 5
-    assert recipe_plan(3, fast=False)["head_epochs"] + recipe_plan(3, fast=False)["unfrozen_epochs"] == 4
+def test_plan_decides_from_images_per_class_within_the_budget():
+    small, large = recipe_plan(3, per_class=UNFREEZE_FROM - 1), recipe_plan(3, per_class=UNFREEZE_FROM)
+    assert {k: small[k] for k in ("reestimate", "head_epochs", "unfrozen_epochs", "passes", "budget")} == \
+        {"reestimate": False, "head_epochs": 8, "unfrozen_epochs": 0, "passes": 4.0, "budget": 4}
+    assert (large["head_epochs"], large["unfrozen_epochs"], large["passes"]) == (4, 2, 4.0)
+    assert "never unfrozen" in small["why"] and "kept only if validation improves" in large["why"]
+    assert recipe_plan(3)["unfrozen_epochs"] == 0 and "unknown" in recipe_plan(3)["why"]
+    assert recipe_plan(3, unfrozen_epochs=1, reestimate=True)["head_epochs"] == 5
     for e in range(1, 8):
-        for fast in (True, False):
-            p = recipe_plan(e, fast)
+        for n in (None, 10, UNFREEZE_FROM, 10 * UNFREEZE_FROM):
+            p = recipe_plan(e, per_class=n)
             assert p["passes"] <= p["budget"] == e + 1 and p["head_epochs"] >= 1
     from fastai_groups.learner import GroupLearner
     assert GroupLearner.fine_tune is Learner.fine_tune
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Roll-back: a phase that makes the model worse is never returned without a word
+# ----------------------------------------------------------------------------------------------------------------
+def test_an_unfrozen_phase_that_hurts_is_rolled_back(image_folder):
+    "lr_mult=1e-5 puts the first groups at 1e5 x the head's rate: the unfrozen phase diverges and is undone."
+    learn = make_learn(image_folder)
+    ends = FitEnds()
+    with learn.no_bar(), learn.no_logging(), pytest.warns(UserWarning, match=r"the unfrozen phase made the model "
+                                                                          r"worse \(.*\); rolled back") as w:
+        plan = learn.fine_tune_groups(1, unfrozen_epochs=1, lr_mult=1e-5, cbs=ends)
+    assert len([x for x in w if "rolled back" in str(x.message)]) == 1
+    assert plan["rolled_back"] == ["unfrozen"] and learn.recipe_plan is plan
+    assert not math.isfinite(learn.recorder.values[-1][1]) or learn.recorder.values[-1][2] <= plan["result"]["accuracy"]
+    state = learn.model.state_dict()
+    assert len(ends.states) == 2
+    assert all(torch.equal(state[k], v) for k, v in ends.states[0].items())    # exactly the head phase's weights
+    with learn.no_bar():
+        loss, acc = learn.validate()
+    assert (loss, acc) == pytest.approx((plan["result"]["valid_loss"], plan["result"]["accuracy"]), rel=1e-5)
+    assert not any(p.requires_grad for p in learn.model[0].parameters())         # the body is frozen again
+
+
+def test_a_diverging_head_phase_is_rolled_back(image_folder):
+    learn = make_learn(image_folder)
+    start = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with learn.no_bar(), learn.no_logging(), pytest.warns(UserWarning, match=r"head phase made the model worse .*"
+                                                                          r"Lower base_lr \(it was 1e\+12\)"):
+        plan = learn.fine_tune_groups(2, base_lr=1e12)
+    assert plan["rolled_back"] == ["head"] and plan["unfrozen_epochs"] == 0
+    assert all(torch.equal(learn.model.state_dict()[k], v) for k, v in start.items())
+    assert all(torch.isfinite(p).all() for p in learn.model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs and schedules checked before training (issue 24): one clear error, nothing changed
+# ----------------------------------------------------------------------------------------------------------------
+def _unchanged(learn):
+    snap = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    flags = [p.requires_grad for p in learn.model.parameters()]
+    return lambda: all(torch.equal(learn.model.state_dict()[k], v) for k, v in snap.items()) and \
+        flags == [p.requires_grad for p in learn.model.parameters()]
+
+
+def test_one_parameter_group_is_refused(image_folder):
+    set_seed(0, reproducible=True)
+    learn = Learner(make_dls(image_folder, aug=False), tiny_cnn(), metrics=accuracy, train_bn=False)
+    same = _unchanged(learn)
+    with pytest.raises(ValueError, match=r"needs the head in a parameter group of its own, but the learner has 1 "
+                                         r"group .* build it with splitter=auto_splitter") as e:
+        fine_tune_groups(learn, 2)
+    assert "\n" not in str(e.value) and same()
+
+
+@pytest.mark.parametrize("where", ["learner", "fit"])
+def test_gradual_unfreeze_is_refused(image_folder, where):
+    from fastai_groups import GradualUnfreeze
+    learn = make_learn(image_folder, cbs=[GradualUnfreeze()] if where == "learner" else [])
+    same = _unchanged(learn)
+    with pytest.raises(ValueError, match=r"decides when the body is frozen, but GradualUnfreeze in the callbacks"):
+        learn.fine_tune_groups(2, **({"cbs": [GradualUnfreeze()]} if where == "fit" else {}))
+    assert same()
+
+
+def test_no_training_batch_is_refused_and_statistics_kept(image_folder):
+    set_seed(0, reproducible=True)
+    dls = ImageDataLoaders.from_folder(image_folder, train="train", valid="valid", bs=64, num_workers=0,
+                                       item_tfms=Resize(32))
+    learn = group_learner(dls, tiny_cnn(), pretrained=True, train_bn=False, metrics=accuracy)
+    assert len(dls.train) == 0                          # 36 images, batch 64, fastai drops the last partial batch
+    for m in learn.model.modules():                     # statistics that a reset would change
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.fill_(0.7), m.running_var.fill_(3.0)
+    same = _unchanged(learn)
+    with pytest.raises(ValueError, match=r"the training data give no batch \(36 items, batch size 64, drop_last\): "
+                                         r"lower bs"):
+        learn.fine_tune_groups(2, reestimate=True)
+    assert same()                                       # running statistics included (state_dict)
+    with pytest.raises(ValueError, match="yielded no batch"):
+        reestimate_norm_stats(learn)
+    assert same()
+
+
+def test_one_class_is_refused(tmp_path, image_folder):
+    import shutil
+    for split in ("train", "valid"):
+        shutil.copytree(image_folder / split / "red", tmp_path / split / "red")
+    learn = group_learner(make_dls(tmp_path, aug=False), tiny_cnn(1), pretrained=True, train_bn=False)
+    with pytest.raises(ValueError, match=r"the data have 1 class \(red\); a classifier needs at least 2"):
+        learn.fine_tune_groups(2)
+
+
+def test_feature_cache_that_does_not_fit_is_not_reported_as_cached(image_folder, capsys):
+    from fastai_groups import FeatureCache
+    learn = make_learn(image_folder, cbs=[FeatureCache(max_bytes=10)])
+    with learn.no_bar(), learn.no_logging():
+        plan = learn.fine_tune_groups(1)
+    assert "training without the cache" in capsys.readouterr().out
+    assert plan["cached"] is False and learn.recipe_plan["cached"] is False
+
+
+def test_one_cycle_options_reach_every_phase(image_folder):
+    "pct_start / div are forwarded (the user's value wins), not a TypeError after the head phase."
+    learn = make_learn(image_folder)
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = learn.fine_tune_groups(1, unfrozen_epochs=1, pct_start=0.5, div=10.0)
+    h = learn.group_logger.history
+    for fit in (0, 1):
+        lrs = h[(h["fit"] == fit) & (h["group"] == h["group"].max())]["lr"].to_numpy()
+        assert lrs[0] == pytest.approx(lrs.max() / 10, rel=1e-3)        # div=10 in both phases
+    assert plan["unfrozen_epochs"] == 1
