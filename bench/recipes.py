@@ -36,7 +36,7 @@ from .common import Context, Figure, Section, log, md_table, mean_std, median, q
 
 RESULTS = Path(__file__).parent / "results" / "recipes.csv"
 FIELDS = ("stage", "data", "size", "arch", "variant", "seed", "acc", "seconds", "cpu_seconds", "head_epoch_s", "plan",
-          "load1", "date")
+          "load1", "date", "head_acc", "last_fit_acc", "threads")
 LR = 2e-3
 EPOCHS = 3
 N_VALID = 50
@@ -60,7 +60,14 @@ VARIANTS = {
     "head 5 + unfrozen 1, re-estimated, base_lr 1e-3": dict(head=5, unf=1, re=True, keep=False, lr=1e-3),
     "head 5 + unfrozen 1, re-estimated, base_lr 5e-3": dict(head=5, unf=1, re=True, keep=False, lr=5e-3),
     "head 3 + unfrozen 1, train_bn=True": dict(train_bn=True, head=3, unf=1),
-    "fine_tune_groups(3)": dict(),
+    # the scale curve (stage "scale"): the body unfrozen after a head phase, at fine_tune(3)'s budget (4 head epochs
+    # on the fast frozen body = 2 passes, + 2 unfrozen epochs), norm statistics kept; lr_mult 1 is a flat rate
+    "head 4 + unfrozen 2, lr_mult 1": dict(head=4, unf=2, re=False, keep=True, lr_mult=1),
+    "head 4 + unfrozen 2, lr_mult 10": dict(head=4, unf=2, re=False, keep=True, lr_mult=10),
+    "head 4 + unfrozen 2, lr_mult 100": dict(head=4, unf=2, re=False, keep=True, lr_mult=100),
+    "gradual (GradualUnfreeze, 4 epochs)": dict(kind="gradual"),
+    # the library's default as a new user calls it: group_learner's defaults (train_bn=True), no option
+    "fine_tune_groups(3)": dict(kind="default", train_bn=True),
 }
 PICK = "fine_tune_groups(3)"
 
@@ -69,7 +76,7 @@ def pick_variant() -> str:
     """The variant the confirmation runs: the screening variant whose options are exactly `fine_tune_groups(3)`'s
     defaults (so its screening runs are reused, same seeds), else `PICK` itself."""
     from fastai_groups.recipe import recipe_plan
-    plan = recipe_plan(EPOCHS, fast=True)
+    plan = recipe_plan(EPOCHS)
     for v, o in VARIANTS.items():
         if o.get("kind", "recipe") == "recipe" and not o.get("train_bn") and o.get("lr", LR) == LR and \
                 o.get("granularity", "stage") == "stage" and "head" in o and plan["unfrozen_epochs"] == 0 and \
@@ -77,7 +84,14 @@ def pick_variant() -> str:
             return v
     return PICK
 CORE = tuple(list(VARIANTS)[:9])
-AXES = tuple(list(VARIANTS)[9:-1])
+AXES = tuple(list(VARIANTS)[9:15])
+#: the scale curve: Fashion-MNIST images per class (5950: the whole training split less the 50 held out per class)
+SCALE_SIZES = (50, 200, 1000, 5950)
+SCALE_ARCHS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1")
+SCALE_VARIANTS = ("fastai fine_tune(3)", "head 8, never unfreeze, frozen stats", "head 4 + unfrozen 2, lr_mult 1",
+                  "head 4 + unfrozen 2, lr_mult 10", "head 4 + unfrozen 2, lr_mult 100",
+                  "gradual (GradualUnfreeze, 4 epochs)", "fine_tune_groups(3)")
+SCALE_SEEDS = (0, 1, 2)
 SCREEN = [("sample", 64, "tf_efficientnet_lite0"), ("fmnist50", 64, "tf_efficientnet_lite0")]
 SCREEN_SEEDS = (0, 1)
 CONFIRM = [("sample", 64, "tf_efficientnet_lite0"), ("fmnist50", 64, "tf_efficientnet_lite0"),
@@ -163,27 +177,55 @@ def our_learner(dls, arch: str, train_bn: bool, granularity: str = "stage", cbs=
                          cbs=[GroupLogger(show_table=False), *cbs])
 
 
+class FitAccuracy:
+    "A fastai callback keeping the last epoch's validation accuracy of every fit (`cb.accs`, one per fit)."
+
+    def __new__(cls):
+        from fastai.callback.core import Callback
+
+        class _FitAccuracy(Callback):
+            order = 100
+
+            def __init__(self):
+                self.accs = []
+
+            def after_fit(self):
+                vals = self.learn.recorder.values
+                self.accs.append(float(vals[-1][2]) if vals and len(vals[-1]) > 2 else float("nan"))
+        return _FitAccuracy()
+
+
 def one_run(variant: str, data: str, size: int, arch: str, seed: int, n_train: Optional[int] = None) -> dict:
-    "Train one variant once; returns accuracy, training seconds, the head phase's median epoch time and the plan."
+    """Train one variant once; returns the final model's validation accuracy (`acc`, after any roll-back), the
+    accuracy at the end of the head phase and of the last fit (before any roll-back), training seconds, the head
+    phase's median epoch time and the plan."""
     from fastai.torch_core import set_seed
+    from fastai_groups.cli import run_schedule
     from fastai_groups.recipe import fine_tune_groups
     from .common import epoch_timer
     opt = VARIANTS[variant]
     kind = opt.get("kind", "recipe")
     set_seed(seed, reproducible=True)
     dls = aug_dls(data_path(data), size, n_train=n_train)
-    timer = epoch_timer()
+    timer, fits = epoch_timer(), FitAccuracy()
     with quiet():
         if kind == "fastai":
-            learn = fastai_learner(dls, arch, cbs=[timer])
+            learn = fastai_learner(dls, arch, cbs=[timer, fits])
         else:
-            learn = our_learner(dls, arch, opt.get("train_bn", False), opt.get("granularity", "stage"), cbs=[timer])
+            learn = our_learner(dls, arch, opt.get("train_bn", False), opt.get("granularity", "stage"),
+                                cbs=[timer, fits])
     lr = opt.get("lr", LR)
     t, c = time.perf_counter(), time.process_time()
     with learn.no_bar(), learn.no_logging(), quiet():
         if kind in ("fastai", "fine_tune"):
             learn.fine_tune(EPOCHS, lr)
             plan, head_fit = "fine_tune(3): frozen 1 + unfrozen 3", 0
+        elif kind == "gradual":
+            run_schedule(learn, "gradual", EPOCHS, 1, lr)
+            plan, head_fit = "GradualUnfreeze over 4 epochs, lr_mult 100", 0
+        elif kind == "default":                 # the library's default, no option
+            p = fine_tune_groups(learn, EPOCHS)
+            plan, head_fit = p["why"], int(p["reestimate"])
         else:
             p = fine_tune_groups(learn, EPOCHS, lr, head_epochs=opt.get("head"), unfrozen_epochs=opt.get("unf"),
                                  lr_mult=opt.get("lr_mult", 100), reestimate=opt.get("re"),
@@ -191,14 +233,22 @@ def one_run(variant: str, data: str, size: int, arch: str, seed: int, n_train: O
             plan = (f"{'re-estimate + ' if p['reestimate'] else ''}head {p['head_epochs']}"
                     f"{' (cached)' if p['cached'] else ''} + unfrozen {p['unfrozen_epochs']}"
                     f"{' (norm stats kept)' if p.get('keep_norm_stats') else ''}, lr {lr:g}, "
-                    f"lr_mult {opt.get('lr_mult', 100)}")
+                    f"lr_mult {opt.get('lr_mult', 100)}{' (rolled back)' if p.get('rolled_back') else ''}")
             head_fit = 1 if p["reestimate"] else 0
     seconds, cpu = time.perf_counter() - t, time.process_time() - c
-    acc = float(learn.recorder.values[-1][2])  # train_loss, valid_loss, accuracy of the last epoch
+    with learn.no_bar(), learn.no_logging(), quiet():
+        acc = float(learn.validate()[1])        # the model returned to the user (after any roll-back)
     head = median(e["epoch"] for e in timer.fits[head_fit]) if len(timer.fits) > head_fit else float("nan")
+    accs = [a for a in fits.accs if a == a]
     del learn, dls
     gc.collect()
-    return {"acc": acc, "seconds": seconds, "cpu_seconds": cpu, "head_epoch_s": head, "plan": plan}
+    return {"acc": acc, "seconds": seconds, "cpu_seconds": cpu, "head_epoch_s": head, "plan": plan,
+            "head_acc": accs[0] if accs else float("nan"), "last_fit_acc": accs[-1] if accs else float("nan")}
+
+
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
 
 
 def _key(r) -> tuple:
@@ -206,10 +256,21 @@ def _key(r) -> tuple:
 
 
 def load_results(path: Path = RESULTS) -> list[dict]:
+    """The rows of the CSV; a file written with fewer columns (an earlier version of the study) is rewritten once
+    with the current header, the new columns empty."""
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        header = tuple(reader.fieldnames or ())
+    if header != FIELDS:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows({k: r.get(k) or "" for k in FIELDS} for r in rows)
+        rows = [{k: r.get(k) or "" for k in FIELDS} for r in rows]
+    return rows
 
 
 def ensure(rows: list, stage: str, variant: str, data: str, size: int, arch: str, seed: int, path: Path,
@@ -225,7 +286,8 @@ def ensure(rows: list, stage: str, variant: str, data: str, size: int, arch: str
            "acc": f"{res['acc']:.4f}", "seconds": f"{res['seconds']:.2f}",
            "cpu_seconds": f"{res['cpu_seconds']:.2f}", "head_epoch_s": f"{res['head_epoch_s']:.3f}",
            "plan": res["plan"], "load1": f"{os.getloadavg()[0]:.2f}",
-           "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+           "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "head_acc": f"{res['head_acc']:.4f}",
+           "last_fit_acc": f"{res['last_fit_acc']:.4f}", "threads": torch_threads()}
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with open(path, "a", newline="") as f:
@@ -368,8 +430,21 @@ def closing(rows) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 # The section
 # ----------------------------------------------------------------------------------------------------------------
-def study(ctx: Context, path: Path = RESULTS, stages=("screening", "confirmation")) -> list[dict]:
-    "Run the missing runs of the study (resuming from the CSV at `path`); returns all rows."
+def scale_order() -> list[tuple[str, int, str, int]]:
+    """The runs of the scale curve, cheapest and most informative first: (data, size, arch, seed). lite0 up to 1,000
+    per class (seed 0, then 1 and 2), lite1 likewise, then the whole training set (seed 0 of each arch, then the
+    other seeds)."""
+    small = [n for n in SCALE_SIZES if n <= 1000]
+    out = [(f"fmnist{n}", 64, arch, seed) for arch in SCALE_ARCHS for seed in SCALE_SEEDS for n in small]
+    big = [n for n in SCALE_SIZES if n > 1000]
+    out += [(f"fmnist{n}", 64, arch, seed) for seed in SCALE_SEEDS for arch in SCALE_ARCHS for n in big]
+    return out
+
+
+def study(ctx: Context, path: Path = RESULTS, stages=("screening", "confirmation", "scale"),
+          variants: Optional[tuple] = None) -> list[dict]:
+    """Run the missing runs of the study (resuming from the CSV at `path`); returns all rows. `variants`: only
+    these (of each stage's own list)."""
     rows = load_results(path)
     if ctx.quick:
         for s in QUICK["screen"]:
@@ -393,6 +468,15 @@ def study(ctx: Context, path: Path = RESULTS, stages=("screening", "confirmation
                         log("  [confirmation] out of time budget: stopping (rerun to resume)")
                         return rows
                     ensure(rows, "confirmation", v, *s, seed, path)
+    if "scale" in stages:
+        for s in scale_order():
+            for v in SCALE_VARIANTS:
+                if variants is not None and v not in variants:
+                    continue
+                if ctx.time_left() < 0:
+                    log("  [scale] out of time budget: stopping (rerun to resume)")
+                    return rows
+                ensure(rows, "scale", v, *s, path)
     return rows
 
 
