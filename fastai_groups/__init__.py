@@ -37,15 +37,22 @@ Patches of torch and fastai, all of them (why, and when each can go):
   (`register_module_forward_pre_hook` / `register_module_forward_hook`) and a `TorchFunctionMode` that records
   calls and parameter uses and answers shape-preserving ops (norms, activations, same-shape elementwise maths,
   attention, LSTMs) with an empty tensor of the right shape, for the duration of that forward only (meta runs
-  those ops through Python decompositions, ~1 ms a call). Another thread running a model at that moment would be
-  recorded too. Goes when meta kernels are cheap and hooks can be scoped to one model tree.
+  those ops through Python decompositions, ~1 ms a call). The forward runs on a copy of the model whose tensors
+  are meta stand-ins (`_meta.meta_copy`), and the hooks record only that copy's modules: another thread can keep
+  running the model (or any other) meanwhile. Goes when meta kernels are cheap and hooks can be scoped to one
+  model tree.
 - fastai 2.8 runs `torch.jit.script` at import time, which recent torch deprecates: that one `FutureWarning` is
   filtered (by message). Goes with fastai's next release.
 """
 import importlib as _importlib
 import warnings as _warnings
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from importlib.metadata import PackageNotFoundError as _NotInstalled, version as _version
 
-__version__ = "0.1.0"
+try:
+    __version__ = _version("fastai-groups")       # one source: pyproject.toml's version, as installed
+except _NotInstalled:                              # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 _warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
 
@@ -73,6 +80,27 @@ _EXPORTS = {
     **dict.fromkeys(["DDPRewrap", "cpu_distrib_ctx", "patch_cpu_broadcast"], "distributed"),
 }
 __all__ = list(_EXPORTS)
+
+if _TYPE_CHECKING:   # the same names, statically, for type checkers (at run time: `__getattr__`)
+    from .arch import resolve_arch, instantiate, get_module
+    from ._utils import unwrap_model
+    from .summary import Row, arch_summary, summary_rows
+    from .structure import Structure, Unit, find_structure
+    from .splitters import (GRANULARITIES, ParamGroups, auto_splitter, check_groups, checked, group_names,
+        learner_group_names)
+    from .body import ForwardBody, TimmBody, create_body, feature_shape
+    from .head import AdaptiveConcatPool2d, create_head, cnn_model
+    from .learner import GroupLearner, group_learner
+    from .callbacks import GradualUnfreeze, GroupLogger, freeze_state, notify_freeze_change
+    from .lr_find import GroupLRFinder, group_lr_find, slice_ratios
+    from .plots import phase_names, plot_compare, plot_group_lr
+    from .frozen import FastFrozenBody, body_of
+    from .cache import FeatureCache, check_cacheable
+    from .weights import build_model, lite0_state_dict, lite_state_dict, load_state_dict, model_stats, known_stats
+    from .recipe import ReestimateNorms, fine_tune_groups, recipe_plan, reestimate_norm_stats
+    from .data import FASHION_CLASSES, check_image_folder, data_home, fashion_mnist, product_sample, read_idx
+    from .distributed import DDPRewrap, cpu_distrib_ctx, patch_cpu_broadcast  # noqa: F401
+
 
 
 def __getattr__(name: str):

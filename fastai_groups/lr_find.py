@@ -35,7 +35,9 @@ def slice_ratios(n: int, lr_mult: float) -> list[float]:
 class GroupLRFinder(LRFinder):
     """fastai's `LRFinder` where the sweep sets the last group's lr and every other group follows the ratios of
     `slice(lr/lr_mult, lr)`. It registers as `learn.lr_finder`, so callbacks that stay inert in `lr_find`
-    (`GroupLogger`, TensorBoard, W&B) stay inert here too. See `group_lr_find` for the arguments."""
+    (`GroupLogger`, TensorBoard, W&B) stay inert here too. See `group_lr_find` for the arguments.
+
+    Example: `learn.fit(100, cbs=GroupLRFinder(lr_mult=100))`, as `group_lr_find(learn)` does."""
 
     def __init__(self, lr_mult: float = 100, start_lr: float = 1e-7, end_lr: float = 10, num_it: int = 100,
                  stop_div: bool = True):

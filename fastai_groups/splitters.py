@@ -52,7 +52,11 @@ class ParamGroups(list):
 
 
 def group_names(groups: Sequence) -> list[str]:
-    "The names of `groups` (`ParamGroups.names`), else `group0`, `group1`, ..."
+    """The names of `groups` (`ParamGroups.names`), else `group0`, `group1`, ...
+
+    >>> group_names([[], []])
+    ['group0', 'group1']
+    """
     names = getattr(groups, "names", None)
     if names is not None and len(names) == len(groups):
         return list(names)

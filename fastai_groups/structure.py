@@ -31,7 +31,11 @@ __all__ = ["Unit", "Structure", "find_structure"]
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class Unit:
-    "An atomic piece of the model: a module kept whole, or the parameters registered directly on an opened module."
+    """An atomic piece of the model: a module kept whole, or the parameters registered directly on an opened module.
+
+    >>> find_structure("resnet18").stages[0][0]  # doctest: +SKIP
+    Unit('layer1.0', BasicBlock, block, 6 tensors, 73,984 elements, res=3136)
+    """
     name: str                         # qualified name ('' for the root's own parameters)
     module: Optional[nn.Module]       # None for direct parameters
     params: list                      # parameters first owned by this unit, in registration order
@@ -204,7 +208,11 @@ def _place(units: list[Unit], rec: Trace) -> tuple[list[Unit], list[str]]:
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class Structure:
-    "Where the stem, stages and head of a model are (lists of units, in forward order)."
+    """Where the stem, stages and head of a model are (lists of units, in forward order): `find_structure`.
+
+    >>> find_structure("resnet18")  # doctest: +SKIP
+    Structure(stem=[conv1, bn1, relu, maxpool], stages=4 (2, 2, 2, 2 units), head=[avgpool, fc], traced=complete)
+    """
     units: list
     stem: list = field(default_factory=list)
     stages: list = field(default_factory=list)   # list of lists of units

@@ -44,7 +44,11 @@ def count_layers(m: nn.Module) -> int:
 
 @dataclass
 class Row:
-    "One child of the summarised module."
+    """One child of the summarised module (`summary_rows`); `arch_summary` prints them.
+
+    >>> r = summary_rows("resnet18")[4]; (r.name, r.type, r.n)  # doctest: +SKIP
+    ('layer1', 'Sequential', 2)
+    """
     index: int            # position among the children
     path: tuple           # index path from the model's root (ints)
     name: str             # attribute name ('layer1', or '0' in a Sequential)
