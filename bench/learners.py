@@ -114,7 +114,8 @@ def our_learner(dls, arch, lr: float, pretrained: bool, train_bn: bool = True, c
             if frozen is None:
                 raise ImportError("no feature cache: group_learner(cache_features=True) is not implemented and "
                                   "fastai_groups.frozen cannot be imported") from None
-            learn = group_learner(dls, arch, cbs=[*cbs, frozen.FeatureCache(verbose=False)], **kw)
+            from fastai_groups.cache import FeatureCache
+            learn = group_learner(dls, arch, cbs=[*cbs, FeatureCache(verbose=False)], **kw)
     else:
         learn = group_learner(dls, arch, cbs=cbs, **kw)
     if frozen is not None:

@@ -136,7 +136,8 @@ def data_path(name: str) -> Path:
 
 
 def aug_dls(path: Path, size: int, bs: int = 32, n_train: Optional[int] = None):
-    "Image folder DataLoaders with random augmentation (flip, rotate, zoom, lighting), as a user would build them."
+    """Image folder DataLoaders with random augmentation (flip, rotate, zoom, lighting), as a user would build them;
+    on the GPU when there is one (batches of `GPU_BS`)."""
     from fastai.vision.all import (CategoryBlock, DataBlock, GrandparentSplitter, ImageBlock, Resize, ResizeMethod,
                                    aug_transforms, get_image_files, parent_label)
     items = get_image_files(path)
@@ -146,7 +147,20 @@ def aug_dls(path: Path, size: int, bs: int = 32, n_train: Optional[int] = None):
     block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=lambda _: items,
                       splitter=GrandparentSplitter(train_name="train", valid_name="valid"), get_y=parent_label,
                       item_tfms=Resize(size, method=ResizeMethod.Squish), batch_tfms=aug_transforms(max_warp=0.))
+    if on_gpu():
+        return block.dataloaders(path, bs=GPU_BS, num_workers=8, device="cuda")
     return block.dataloaders(path, bs=bs, num_workers=0)
+
+
+#: batch size of the GPU runs (mixed precision, channels-last); the CPU study uses 32
+GPU_BS = 128
+#: the GPU runs' own results (other device, batch size and precision: never mixed with the CPU rows)
+RESULTS_GPU = Path(__file__).parent / "results" / "recipes_gpu.csv"
+
+
+def on_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,6 +228,9 @@ def one_run(variant: str, data: str, size: int, arch: str, seed: int, n_train: O
         else:
             learn = our_learner(dls, arch, opt.get("train_bn", False), opt.get("granularity", "stage"),
                                 cbs=[timer, fits])
+    if on_gpu():
+        from fastai.callback.channelslast import ChannelsLast  # noqa: F401  (adds Learner.to_channelslast)
+        learn.to_channelslast()               # channels-last model and inputs, fp16 mixed precision
     lr = opt.get("lr", LR)
     t, c = time.perf_counter(), time.process_time()
     with learn.no_bar(), learn.no_logging(), quiet():
@@ -617,8 +634,20 @@ def report(rows, quick: bool = False) -> Section:
 
 
 def run(ctx: Context) -> Section:
+    """The study on CPU (resuming from `RESULTS`); with a GPU, the whole training set's scale settings only, into
+    `RESULTS_GPU` (`python -m bench recipes` on the GPU machine)."""
     import torch
     import tempfile
+    if on_gpu() and not ctx.quick:
+        log(f"  GPU: {torch.cuda.get_device_name()}; results in {RESULTS_GPU}")
+        rows = load_results(RESULTS_GPU)
+        for s in [r for r in scale_order() if r[0] == f"fmnist{SCALE_SIZES[-1]}"]:
+            for v in SCALE_VARIANTS:
+                ensure(rows, "scale-gpu", v, *s, RESULTS_GPU)
+        sec = report(load_results(RESULTS))
+        sec.add("", "**GPU** (mixed precision, channels-last, batch 128), whole training set:", "",
+                *scale_table([{**r, "stage": "scale"} for r in rows], "tf_efficientnet_lite0"))
+        return sec
     path = RESULTS if not ctx.quick else Path(tempfile.gettempdir()) / "fastai_groups_recipes_quick.csv"
     if ctx.quick and path.exists():
         path.unlink()

@@ -149,14 +149,16 @@ class Usage:
         return [m.register_forward_pre_hook(lambda mod, args: self.called.add(id(mod))) for m in module.modules()]
 
     def collect(self, out: Any, leaf_to_param: dict[int, int]) -> None:
-        "Walk the autograd graph of `out` to its leaves (no backward computation)."
+        """Walk the autograd graph of `out` to its leaves (no backward computation). The nodes seen are kept alive
+        while walking: older torch (2.6 and 2.8 here) makes a new Python object for a node at each access, and the
+        id of one that was freed is reused by the next (the walk then stopped early and missed most parameters)."""
         t = first_tensor(out)
-        stack, seen = [t.grad_fn] if t is not None and t.grad_fn is not None else [], set()
+        stack, seen = [t.grad_fn] if t is not None and t.grad_fn is not None else [], {}
         while stack:
             fn = stack.pop()
             if fn is None or id(fn) in seen:
                 continue
-            seen.add(id(fn))
+            seen[id(fn)] = fn
             var = getattr(fn, "variable", None)  # AccumulateGrad nodes hold the leaf
             if var is not None and id(var) in leaf_to_param:
                 self.used.add(leaf_to_param[id(var)])

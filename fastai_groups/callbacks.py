@@ -18,6 +18,7 @@ every group (`lr_0`, `mom_1`, ...) but no freeze state, which is what `GroupLogg
 from __future__ import annotations
 
 import csv
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -27,16 +28,16 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.tracker import TerminateOnNaNCallback
 from fastai.callback.schedule import ParamScheduler
 from fastai.learner import Learner
 from fastai.torch_core import rank_distrib
 
-from .lr_find import GroupLRFinder, group_lr_find, slice_ratios
+from .lr_find import slice_ratios
 from .splitters import learner_group_names
 
-__all__ = ["GroupLogger", "GradualUnfreeze", "slice_ratios", "freeze_state", "notify_freeze_change",
-           "learner_group_names", "GroupLRFinder", "group_lr_find"]   # the last three: old import paths
+__all__ = ["GroupLogger", "GradualUnfreeze", "freeze_state", "notify_freeze_change", "EpochLog", "NanStop"]
 
 TRAINABLE, PARTIAL, FROZEN = "trainable", "partial", "frozen"
 _FIXED_HEAD = ("iter", "epoch", "fit", "group", "name")
@@ -500,3 +501,64 @@ class GradualUnfreeze(Callback):
             top = opt.hypers[-1]["lr"]
             opt.set_hyper("lr", [top * r for r in slice_ratios(n, self.lr_mult)])
 
+
+def _finite(x) -> Optional[float]:
+    "A float for JSON: None instead of NaN/inf (which JSON cannot hold) or a value that is not a number."
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+class EpochLog(Callback):
+    """Every training epoch's recorder values across fits (fastai's `Recorder` forgets earlier fits), with the epoch's
+    phase (`frozen`, `partly frozen (k of n groups trainable)`, `unfrozen`): `learn.epoch_log.rows`.
+
+    Example: `learn = Learner(dls, model, cbs=EpochLog()); learn.fine_tune(1); learn.epoch_log.rows[-1]["phase"]`."""
+    order = 51  # after the Recorder (50) has stored the epoch's values
+    run_valid = False
+
+    def __init__(self):
+        self.rows, self.n_fits, self.new_fit, self.trained = [], 0, False, False
+
+    def before_fit(self):  # get_preds runs before_fit/after_epoch too, but never a training phase
+        self.new_fit = True
+
+    def after_train(self):
+        self.n_fits += self.new_fit
+        self.new_fit, self.trained = False, True
+
+    def after_epoch(self):
+        if not self.trained:
+            return
+        self.trained = False
+        rec = self.learn.recorder
+        vals = dict(zip(rec.metric_names[1:-1], rec.values[-1])) if rec.values else {}
+        n, frozen = len(self.opt.param_lists), self.opt.frozen_idx
+        phase = "unfrozen" if frozen == 0 else "frozen" if frozen >= n - 1 else \
+            f"partly frozen ({n - frozen} of {n} groups trainable)"
+        self.rows.append({"epoch": len(self.rows) + 1, "fit": self.n_fits - 1, "phase": phase,
+                          **{k: _finite(v) for k, v in vals.items()}})
+
+
+class NanStop(TerminateOnNaNCallback):
+    """fastai's `TerminateOnNaNCallback`, remembering where the training loss became NaN/inf (`diverged`: the batch,
+    1-based within its epoch) and cancelling later fits too: `learn.nan_stop`.
+
+    Example: `learn.fit(1, 1e9, cbs=NanStop()); learn.nan_stop.diverged`."""
+    run_valid = False  # training losses only (get_preds(with_loss=True) gives one loss per item)
+
+    def __init__(self):
+        self.diverged = None
+
+    def before_fit(self):
+        if self.diverged:
+            raise CancelFitException
+
+    def after_batch(self):
+        try:
+            super().after_batch()
+        except CancelFitException:
+            self.diverged = self.iter + 1
+            raise

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = ["UsageError", "pick_threads", "check_numbers", "check_data_arg", "check_folder", "check_batches",
-           "check_size", "epoch_log", "nan_stop", "diverged", "finite"]
+           "check_size", "diverged"]
 
 
 class UsageError(Exception):
@@ -132,7 +132,7 @@ def check_size(learn, args) -> None:
     "A forward of the model at `--size` on the meta device (no memory, no compute): too small a size is an error."
     import torch
 
-    from .splitters import on_meta
+    from ._meta import on_meta
 
     def fits(size: int) -> Optional[Exception]:
         try:
@@ -153,64 +153,6 @@ def check_size(learn, args) -> None:
     raise UsageError(f"--size {args.size} does not fit {args.arch} ({why.rstrip('.')}): {fix}")
 
 
-def epoch_log():
-    "A callback keeping every epoch's recorder values (fastai's Recorder forgets earlier fits) with its phase."
-    from fastai.callback.core import Callback
-
-    class EpochLog(Callback):
-        order = 51  # after the Recorder (50) has stored the epoch's values; learn.epoch_log
-        run_valid = False
-
-        def __init__(self):
-            self.rows, self.n_fits, self.new_fit, self.trained = [], 0, False, False
-
-        def before_fit(self):  # get_preds runs before_fit/after_epoch too, but never a training phase
-            self.new_fit = True
-
-        def after_train(self):
-            self.n_fits += self.new_fit
-            self.new_fit, self.trained = False, True
-
-        def after_epoch(self):
-            if not self.trained:
-                return
-            self.trained = False
-            rec = self.learn.recorder
-            vals = dict(zip(rec.metric_names[1:-1], rec.values[-1])) if rec.values else {}
-            n, frozen = len(self.opt.param_lists), self.opt.frozen_idx
-            phase = "unfrozen" if frozen == 0 else "frozen" if frozen >= n - 1 else \
-                f"partly frozen ({n - frozen} of {n} groups trainable)"
-            self.rows.append({"epoch": len(self.rows) + 1, "fit": self.n_fits - 1, "phase": phase,
-                              **{k: finite(v) for k, v in vals.items()}})
-
-    return EpochLog()
-
-
-def nan_stop():
-    "fastai's `TerminateOnNaNCallback`, remembering where the loss became NaN/inf and cancelling later fits too."
-    from fastai.callback.core import CancelFitException
-    from fastai.callback.tracker import TerminateOnNaNCallback
-
-    class NanStop(TerminateOnNaNCallback):  # learn.nan_stop
-        run_valid = False  # training losses only (get_preds(with_loss=True) gives one loss per item)
-
-        def __init__(self):
-            self.diverged = None  # the batch (1-based, within its epoch) whose loss was NaN or inf
-
-        def before_fit(self):
-            if self.diverged:
-                raise CancelFitException
-
-        def after_batch(self):
-            try:
-                super().after_batch()
-            except CancelFitException:
-                self.diverged = self.iter + 1
-                raise
-
-    return NanStop()
-
-
 def diverged(learn, lr: float) -> Optional[str]:
     "The one-line message for a run that `NanStop` stopped, else None."
     if not learn.nan_stop.diverged:
@@ -218,12 +160,3 @@ def diverged(learn, lr: float) -> Optional[str]:
     epoch, batch = len(learn.epoch_log.rows) + 1, learn.nan_stop.diverged
     return (f"the training loss became NaN or infinite in epoch {epoch} (batch {batch}): training stopped; "
             f"lower --lr (was {lr:g}, default 2e-3)")
-
-
-def finite(x) -> Optional[float]:
-    "A float for results.json: None instead of NaN/inf (which JSON cannot hold)."
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None

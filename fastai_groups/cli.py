@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 __all__ = ["main", "make_dls", "SCHEDULES"]
 
 from .checks import (UsageError, check_batches, check_data_arg, check_folder, check_numbers, check_size,  # noqa: E402
-                     diverged, epoch_log, nan_stop, pick_threads)
+                     diverged, pick_threads)
 from .runs import Staging, shown  # noqa: E402
 
 DEFAULT_ARCH = "tf_efficientnet_lite0"
@@ -93,14 +93,14 @@ def _device(cpu: bool):
 def _learner(dls, args, splitter=None, fname: Optional[str] = "group_log.csv", cbs=()):
     from fastai.vision.all import accuracy, error_rate
 
-    from .callbacks import GroupLogger
+    from .callbacks import EpochLog, GroupLogger, NanStop
     from .learner import group_learner
     from .splitters import auto_splitter
     try:
         learn = group_learner(dls, args.arch, pretrained=args.pretrained, weights=args.weights,
                               splitter=splitter or functools.partial(auto_splitter, granularity=args.granularity),
                               metrics=[error_rate, accuracy],
-                              cbs=[GroupLogger(fname=fname), epoch_log(), nan_stop(), *cbs],
+                              cbs=[GroupLogger(fname=fname), EpochLog(), NanStop(), *cbs],
                               path=args.out, model_dir=".")
     except (ValueError, RuntimeError, ImportError, FileNotFoundError) as e:
         raise UsageError(str(e).splitlines()[0]) from None

@@ -309,10 +309,3 @@ def _forward_must_stay(model: nn.Module, body: nn.Module) -> bool:
             m = m.module
     return False
 
-
-def __getattr__(name: str):
-    "Old import paths: the feature cache lived here in fastai_groups 0.1.0."
-    if name in ("FeatureCache", "check_cacheable", "random_transforms"):
-        from . import cache
-        return getattr(cache, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,9 +29,6 @@ from .weights import known_stats
 
 __all__ = ["group_learner", "GroupLearner"]
 
-# old import paths (fastai_groups 0.1.0 defined these here)
-from .body import AUX_ATTRS, ForwardBody, TimmBody, create_body, feature_shape  # noqa: E402,F401
-from .head import cnn_model  # noqa: E402,F401
 
 
 def _add_norm(dls, stats: dict, n_in: int) -> None:

@@ -18,13 +18,11 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ._meta import on_meta  # noqa: F401  (old import path)
 from ._utils import unwrap_model
 from .structure import Structure, Unit, find_structure
 
 __all__ = ["ParamGroups", "auto_splitter", "check_groups", "checked", "group_names", "learner_group_names",
-           "GRANULARITIES",
-           "Structure", "Unit", "find_structure"]   # the last three: old import paths
+           "GRANULARITIES"]
 
 GRANULARITIES = ("stage", "fastai", "block")
 

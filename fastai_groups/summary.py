@@ -16,8 +16,7 @@ from ._utils import CONTAINERS, unwrap_model
 from .arch import Idxs, get_module, instantiate, parse_path, resolve_arch, walk_path
 from .splitters import GRANULARITIES, auto_splitter, group_names, learner_group_names
 
-__all__ = ["Row", "summary_rows", "arch_summary", "count_layers", "is_container",
-           "get_module", "instantiate", "resolve_arch", "unwrap_model"]   # the last four: old import paths
+__all__ = ["Row", "summary_rows", "arch_summary", "count_layers", "is_container"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

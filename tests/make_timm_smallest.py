@@ -8,7 +8,7 @@ from pathlib import Path
 
 import timm
 
-from fastai_groups.summary import instantiate
+from fastai_groups.arch import instantiate
 
 if __name__ == "__main__":
     warnings.filterwarnings("ignore")

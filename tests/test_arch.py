@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.models import MNASNet
 
 from fastai_groups import arch_summary, get_module, instantiate
-from fastai_groups.summary import unwrap_model
+from fastai_groups._utils import unwrap_model
 from models import AlexNet, summary_text
 
 

@@ -14,8 +14,8 @@ from torchvision.models import googlenet, resnet18, vit_b_16
 
 from fastai_groups.body import AUX_ATTRS, ForwardBody, TimmBody, create_body, feature_shape
 from fastai_groups.head import cnn_model
-from fastai_groups.splitters import find_structure
-from fastai_groups.summary import instantiate
+from fastai_groups.arch import instantiate
+from fastai_groups.structure import find_structure
 from models import n_params
 
 
@@ -28,12 +28,12 @@ def ids(ps) -> set:
 
 def leaves_reached(out: torch.Tensor) -> set:
     "ids of the leaf tensors the autograd graph of `out` reaches (works on meta tensors: no backward run)."
-    stack, seen, found = [out.grad_fn], set(), set()
+    stack, seen, found = [out.grad_fn], {}, set()    # nodes kept alive: their ids are never reused while walking
     while stack:
         fn = stack.pop()
         if fn is None or id(fn) in seen:
             continue
-        seen.add(id(fn))
+        seen[id(fn)] = fn
         if getattr(fn, "variable", None) is not None:
             found.add(id(fn.variable))
         stack += [f for f, _ in fn.next_functions]

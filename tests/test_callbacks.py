@@ -13,7 +13,8 @@ from fastai.callback.progress import ProgressCallback
 from fastai.learner import load_learner
 from torch import nn
 
-from fastai_groups.callbacks import (GradualUnfreeze, GroupLogger, freeze_state, slice_ratios)
+from fastai_groups.callbacks import GradualUnfreeze, GroupLogger, freeze_state
+from fastai_groups.lr_find import slice_ratios
 from fastai_groups.splitters import auto_splitter
 from models import SPLIT3, N_GROUPS, make_learner
 

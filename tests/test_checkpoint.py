@@ -146,6 +146,7 @@ def test_wrappers_see_through(wrap, capsys):
     assert capsys.readouterr().out == expected and "layer3" in expected and "head" in expected
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_with_group_logger(image_folder):
     """fastai `Learner(dls, torch.compile(model), splitter=auto_splitter, cbs=GroupLogger())` trains one epoch on CPU
     with torch's default backend, inductor: it works on CPU (gcc builds its C++ kernels), so no "eager"/"aot_eager"

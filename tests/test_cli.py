@@ -86,6 +86,7 @@ def _strict_json(text: str):
     return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
 
 
+@pytest.mark.slow
 def test_finetune_writes_every_artefact(photos, tmp_path):
     out = tmp_path / "runs" / "run"  # given relative to the working directory, as a user types it
     r = run("finetune", "--data", photos, "--epochs", 1, "--freeze-epochs", 1, "--size", 32, "--bs", 8,
@@ -278,6 +279,7 @@ def test_pick_threads(monkeypatch):
         burner.wait()
 
 
+@pytest.mark.slow
 def test_compare_table(photos, tmp_path):
     out = tmp_path / "cmp"
     r = run("compare", photos, "--schedules", "fine_tune,two_groups,gradual,unfrozen,fine_tune_groups", "--epochs", 1,
@@ -309,6 +311,7 @@ def test_one_class_folder(tmp_path, photos):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "class" in r.stderr
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_reported_and_skipped(tmp_path, photos):
     data = tmp_path / "messy"
     shutil.copytree(photos, data)

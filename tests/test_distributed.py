@@ -207,6 +207,7 @@ def _differing(a: dict, b: dict) -> list[str]:
     return [k for k in a if a[k] != b[k]]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_on_loopback(ddp):
     for r, res in enumerate((ddp["r0"], ddp["r1"])):
         assert res["rank"] == r and res["world_size"] == 2

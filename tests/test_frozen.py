@@ -7,7 +7,8 @@ from fastai.callback.training import BnFreeze
 from fastai.learner import Learner
 
 from fastai_groups.callbacks import GradualUnfreeze
-from fastai_groups.frozen import FastFrozenBody, FeatureCache
+from fastai_groups.cache import FeatureCache
+from fastai_groups.frozen import FastFrozenBody
 from models import NotSequential, make_learn, fit, Probe, FreezeSchedule, UnfreezeAt
 
 

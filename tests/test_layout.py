@@ -1,6 +1,6 @@
 """The package's layout rules (design.md): no module imports another's underscore names (except from the private
-`_meta` / `_utils`), no import cycles between modules, no module over ~550 lines, and importing the package
-loads neither torch nor fastai."""
+`_meta` / `_utils`), every name is imported from the module that defines it, no import cycles between modules, no
+module over 600 lines, and importing the package loads neither torch nor fastai."""
 import ast
 import subprocess
 import sys
@@ -58,3 +58,23 @@ def test_package_import_is_light_and_every_name_loads():
     assert out.returncode == 0, out.stderr
     light, n = out.stdout.split()
     assert light == "True" and int(n) > 40
+
+
+def _defined(mod: str) -> set:
+    "Names a module defines itself at top level (functions, classes, assignments), not the ones it imports."
+    out = set()
+    for node in ast.parse((PKG / f"{mod}.py").read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                out |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return out
+
+
+@pytest.mark.parametrize("mod", MODULES)
+def test_every_name_is_imported_from_its_owner(mod):
+    "One owning module per name: no module imports a name that another module merely re-exports."
+    bad = [f"{src}.{n}" for src, names in _imports(mod, top_level_only=False) for n in names
+           if (PKG / f"{src}.py").exists() and n not in _defined(src)]
+    assert not bad, f"{mod} imports names their module does not define: {bad}"

@@ -184,7 +184,8 @@ def test_group_learner_refuses_what_fastai_does_silently(folder, r18_file):
 
 def test_group_learner_fast_frozen_body_and_cache(folder, r18_file, capsys):
     from fastai_groups.callbacks import GroupLogger
-    from fastai_groups.frozen import FastFrozenBody, FeatureCache
+    from fastai_groups.cache import FeatureCache
+    from fastai_groups.frozen import FastFrozenBody
     dls = folder_dls(folder)
     # fastai's default train_bn=True: the fast path is attached but never engages
     learn = group_learner(dls, resnet18, weights=r18_file)
@@ -215,6 +216,7 @@ def test_group_learner_fast_frozen_body_and_cache(folder, r18_file, capsys):
     assert learn.feature_cache.nbytes == 0 and learn.fast_frozen_mode == ""
 
 
+@pytest.mark.slow
 def test_fine_tune_lite0_on_product_sample(tmp_path):
     "A real fine-tune: offline ImageNet weights of tf_efficientnet_lite0 on the bundled 10-class sample, 64 px."
     pytest.importorskip("timm")

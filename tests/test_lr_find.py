@@ -4,7 +4,8 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback
 
-from fastai_groups.callbacks import (GroupLogger, group_lr_find, slice_ratios)
+from fastai_groups.callbacks import GroupLogger
+from fastai_groups.lr_find import group_lr_find, slice_ratios
 from models import make_learner
 
 

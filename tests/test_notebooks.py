@@ -14,6 +14,7 @@ def test_notebooks_exist():
                                      "03_freeze_experiments.ipynb"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NBS, ids=[p.stem for p in NBS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
