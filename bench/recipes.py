@@ -502,6 +502,36 @@ def scale_findings(rows) -> list[str]:
     return lines
 
 
+def unfreeze_gap(rows, arch: str) -> list[tuple[int, float]]:
+    """(images per class, best unfrozen phase's mean accuracy minus the head-only phase's, in points) at each size
+    measured: what unfreezing after the head phase is worth at fastai's budget."""
+    out = []
+    for n in SCALE_SIZES:
+        d = f"fmnist{n}"
+        head = [float(r["acc"]) for r in _select(rows, d, 64, arch, "head 8, never unfreeze, frozen stats")]
+        unf = [mean_std(float(r["last_fit_acc"]) for r in _select(rows, d, 64, arch, v) if r.get("last_fit_acc"))[0]
+               for v in UNFROZEN if _select(rows, d, 64, arch, v)]
+        unf = [u for u in unf if u == u]
+        if head and unf:
+            out.append((n, (max(unf) - mean_std(head)[0]) * 100))
+    return out
+
+
+def crossover(gaps: list[tuple[int, float]]) -> Optional[float]:
+    """Images per class where a least-squares line of the gap against log10(images per class) crosses zero (None
+    when fewer than 2 sizes or the gap does not shrink with more data): the rule's threshold, an extrapolation
+    whenever it lies beyond the sizes measured."""
+    import math
+    if len(gaps) < 2:
+        return None
+    xs, ys = [math.log10(n) for n, _ in gaps], [g for _, g in gaps]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    if slope <= 0:
+        return None
+    return 10 ** (mx - my / slope)
+
+
 def scale_plot(rows, path: Path = SCALE_PLOT) -> Optional[Path]:
     "Accuracy vs images per class, one line per variant (mean, std as error bars), one panel per arch."
     import matplotlib
@@ -541,11 +571,10 @@ def scale_plot(rows, path: Path = SCALE_PLOT) -> Optional[Path]:
 # The section
 # ----------------------------------------------------------------------------------------------------------------
 def scale_order() -> list[tuple[str, int, str, int]]:
-    """The runs of the scale curve, cheapest and most informative first: (data, size, arch, seed). lite0 up to 1,000
-    per class (seed 0, then 1 and 2), lite1 likewise, then the whole training set (seed 0 of each arch, then the
-    other seeds)."""
+    """The runs of the scale curve, cheapest and most informative first: (data, size, arch, seed). Seed 0 of each
+    arch up to 1,000 per class, then the other seeds, then the whole training set (seed 0 of each arch first)."""
     small = [n for n in SCALE_SIZES if n <= 1000]
-    out = [(f"fmnist{n}", 64, arch, seed) for arch in SCALE_ARCHS for seed in SCALE_SEEDS for n in small]
+    out = [(f"fmnist{n}", 64, arch, seed) for seed in SCALE_SEEDS for arch in SCALE_ARCHS for n in small]
     big = [n for n in SCALE_SIZES if n > 1000]
     out += [(f"fmnist{n}", 64, arch, seed) for seed in SCALE_SEEDS for arch in SCALE_ARCHS for n in big]
     return out
@@ -624,6 +653,13 @@ def report(rows, quick: bool = False) -> Section:
                 if any(r["arch"] == arch and r["stage"] == "scale" for r in rows):
                     sec.add(f"*{arch}*:", "", *scale_table(rows, arch), "")
             sec.add("What the curve says (generated from the rows):", "", *scale_findings(rows))
+            for arch in SCALE_ARCHS:
+                gaps = unfreeze_gap(rows, arch)
+                if gaps:
+                    x = crossover(gaps)
+                    sec.add(f"- {arch.replace('tf_efficientnet_', '')}: best unfrozen phase minus head only, in points: "
+                            + ", ".join(f"{g:+.1f} at {n:,}" for n, g in gaps) + "; a line in log(images per class) "
+                            + (f"crosses zero at about {x:,.0f} per class" if x else "does not cross zero") + ".")
         missing = [f"{d} {size}px {arch}" for d, size, arch in CONFIRM
                    if len(_select(rows, d, size, arch, pick_variant(), CONFIRM_SEEDS)) < len(CONFIRM_SEEDS)
                    or len(_select(rows, d, size, arch, "fastai fine_tune(3)", CONFIRM_SEEDS)) < len(CONFIRM_SEEDS)]

@@ -41,9 +41,11 @@ __all__ = ["fine_tune_groups", "recipe_plan", "reestimate_norm_stats", "Reestima
 #: Cost of a forward-only epoch (fast frozen body, re-estimation) counted against the budget, in training passes
 #: (forward + backward through the body). Conservative: measured 0.30-0.35 on tf_efficientnet_lite0 on CPU.
 FORWARD_COST = 0.5
-#: Training images per class from which the default plan unfreezes the body after the head phase (`recipe_plan`);
-#: fitted on the scale curve of the study (BENCHMARKS.md, `recipes`).
-UNFREEZE_FROM = 1000
+#: Training images per class from which the default plan unfreezes the body after the head phase (`recipe_plan`).
+#: From the scale curve of the study (BENCHMARKS.md, `recipes`): unfreezing lost to the head-only phase at every size
+#: measured (50 to 1,000 per class), by less as data grew; a line through that gap crosses zero at about 3,400 per
+#: class. An extrapolation: above it the unfrozen phase is tried and kept only if validation improves.
+UNFREEZE_FROM = 3000
 #: Default `base_lr` of the recipe (picked by the study).
 DEFAULT_LR = 2e-3
 #: Default spread of the unfrozen phase's rates: the first group trains at `1 / DEFAULT_LR_MULT` of the head's.
@@ -484,7 +486,7 @@ def fine_tune_groups(learn: Learner, epochs: int, base_lr: float = DEFAULT_LR, h
 
     >>> learn = group_learner(dls, "timm:tf_efficientnet_lite0", metrics=accuracy)  # doctest: +SKIP
     >>> learn.fine_tune_groups(3)["why"]  # doctest: +SKIP
-    fine_tune_groups(3): 100 training images per class < 1,000: the head trains on the frozen body, ...
+    '100 training images per class < 3,000: the head trains on the frozen body, which is never unfrozen'
     """
     epochs = _int("epochs", epochs, 1)
     base_lr = _positive("base_lr", base_lr)

@@ -197,3 +197,16 @@ def summary_text(*args, **kwargs) -> str:
     with contextlib.redirect_stdout(buf):
         arch_summary(*args, **kwargs)
     return buf.getvalue()
+
+
+def timm_smallest() -> dict:
+    """{timm family: its smallest model} from tests/timm_smallest.json (written by tests/make_timm_smallest.py with
+    the newest timm), restricted to the families and models the installed timm has (an older timm, at the lower end
+    of the supported range, has fewer)."""
+    import json
+    from pathlib import Path
+
+    import timm
+    table = json.loads((Path(__file__).parent / "timm_smallest.json").read_text())
+    families, models = set(timm.list_modules()), set(timm.list_models())
+    return {f: m for f, m in table.items() if f in families and m in models}

@@ -1,9 +1,7 @@
 """Tests for fastai_groups.body: create_body on every torchvision classifier, timm families, fastai's xresnets and
 user modules; cut, n_in, feature shapes on meta."""
 import copy
-import json
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from fastai_groups.body import AUX_ATTRS, ForwardBody, TimmBody, create_body, fe
 from fastai_groups.head import cnn_model
 from fastai_groups.arch import instantiate
 from fastai_groups.structure import find_structure
-from models import n_params
+from models import n_params, timm_smallest
 
 
 TORCHVISION = torchvision.models.list_models(module=torchvision.models)
@@ -337,7 +335,7 @@ def test_timm_shared_modules_coat():
         assert m.eval()(x).shape == (2, 5)
 
 
-TIMM_SMALLEST = json.loads((Path(__file__).parent / "timm_smallest.json").read_text())
+TIMM_SMALLEST = timm_smallest()
 
 
 TIMM_SLOW = {"sequencer"}  # its LSTMs unroll step by step on the meta device (~10 s): left out of the sweep

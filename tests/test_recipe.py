@@ -121,7 +121,7 @@ def test_defaults_do_not_depend_on_train_bn(image_folder, capsys):
     assert p1 == p0 and (p1["reestimate"], p1["head_epochs"], p1["unfrozen_epochs"]) == (False, 6, 0)
     assert all(torch.equal(a, b) for a, b in zip(w1, w0))
     # 12 training images per class, below UNFREEZE_FROM: one line says so
-    assert "fine_tune_groups(2): 12 training images per class < 1,000" in capsys.readouterr().out
+    assert f"fine_tune_groups(2): 12 training images per class < {UNFREEZE_FROM:,}" in capsys.readouterr().out
     # after the recipe, train_bn=True keeps fastai's meaning: the frozen body's BatchNorms are trainable again
     bns = [m for m in learn1.model[0].modules() if isinstance(m, nn.BatchNorm2d)]
     convs = [m for m in learn1.model[0].modules() if isinstance(m, nn.Conv2d)]
