@@ -12,6 +12,7 @@ Groups per granularity:
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
@@ -198,9 +199,10 @@ def _components(sets: list[list[nn.Parameter]]) -> list[list[nn.Parameter]]:
 def _snap(groups: list[list[nn.Parameter]], ties: list[list[nn.Parameter]],
           classifier: list) -> tuple[list[list[nn.Parameter]], list[set]]:
     """Never cut a tie (a group of timm's own `group_matcher`, blocks sharing a module): the parameters of a tie
-    split across our groups move together, to the head when the tie holds the `classifier` (the head's last
-    parameters: they stay last), else to the group holding most of them (DenseNet transitions join their dense
-    block). Returns the new groups and, for each, the indices of the groups its parameters came from."""
+    split across our groups move together: to the head when the tie holds the `classifier` (the head's last
+    parameters: they stay last), to the first group when it holds some (the input layer stays first: VOLO's
+    `pos_embed`, added after `network.1`, stays in timm's stem with the patch embedding), else to the group holding
+    most of them (DenseNet transitions join their dense block). Returns the new groups and, for each, the indices of the groups its parameters came from."""
     last = len(groups) - 1
     where = {id(p): g for g, ps in enumerate(groups) for p in ps}
     clf = {id(p) for p in classifier}
@@ -209,7 +211,7 @@ def _snap(groups: list[list[nn.Parameter]], ties: list[list[nn.Parameter]],
         if len(gs) > 1:
             size = {g: sum(p.numel() for p in ps if where.get(id(p)) == g) for g in gs}
             held = last in gs and any(id(p) in clf for p in ps)
-            target = last if held else max(sorted(gs), key=lambda g: size[g])
+            target = last if held else 0 if 0 in gs else max(sorted(gs), key=lambda g: size[g])
             for p in ps:
                 if id(p) in where:
                     where[id(p)] = target
@@ -271,6 +273,8 @@ def auto_splitter(model: nn.Module, *, granularity: str = "stage", n_groups: Opt
         names.append(named[span[0]][0] if len(span) == 1 else f"{named[span[0]][0]}-{named[span[-1]][0]}")
     named = [(n, g) for n, g in zip(names, snapped) if g]
     body, head = (named[:-1], named[-1:]) if head and named[-1][0].endswith("head") else (named, [])
+    if granularity != "block" and all(n == "head" for n, _ in head):   # (a head that absorbed stages: as found)
+        body = _own_names(model, body)
 
     if granularity == "fastai":
         body = _merge(body, min(2, len(body)))
@@ -283,6 +287,36 @@ def auto_splitter(model: nn.Module, *, granularity: str = "stage", n_groups: Opt
     groups = ParamGroups([g for _, g in named], names=_unique([n for n, _ in named]))
     st.memo[(granularity, n_groups)] = dict(zip(groups.names, [list(g) for g in groups]))
     return groups
+
+
+_OWN = re.compile(r"(?:^|\.)(?:stages\.(\d+)|stage(\d+)|layer(\d+))(?:\.|$)")
+
+
+def _own_names(model: nn.Module, body: list[tuple[str, list]]) -> list[tuple[str, list]]:
+    """Stage groups named by the model's own stage numbering where it has one: parameters under timm's `stages.N`,
+    HuggingFace's `encoder.stages.N`, torchvision's `layerN` or HRNet's `stageN` are in stage N, and a group is
+    `stageN` (or `stageA-stageB`) after the stages it holds, `stem-stageN` when it also holds what comes before
+    them. Used only when every group but a leading stem holds some, and no stage is split across groups; otherwise
+    the groups keep their names (`stageK`: the K-th run of blocks at one resolution, counted from 1).
+
+    >>> [n for n, _ in _own_names(timm.create_model("efficientvim_m2"), ...)]  # doctest: +SKIP
+    ['stem', 'stage0', 'stage1-stage2']
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    own = []
+    for _, ps in body:
+        found = [_OWN.search(names.get(id(p), "")) for p in ps]
+        own.append((sorted({int(next(g for g in m.groups() if g is not None)) for m in found if m}),
+                    any(m is None for m in found)))
+    if len(own) < 2 or any(not nums for nums, _ in own[1:]) or \
+            any(a[0][-1] >= b[0][0] for a, b in zip(own, own[1:]) if a[0]):
+        return body
+    out = []
+    for i, ((name, ps), (nums, other)) in enumerate(zip(body, own)):
+        stages = "" if not nums else f"stage{nums[0]}" + (f"-stage{nums[-1]}" if nums[-1] != nums[0] else "")
+        stem = "stem" if i == 0 and (other or not nums) else ""
+        out.append(("-".join(x for x in (stem, stages) if x), ps))
+    return out
 
 
 def _unique(names: list[str]) -> list[str]:

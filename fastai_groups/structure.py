@@ -342,7 +342,7 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, _Cached]" = weakref.WeakKeyDiction
 _WATCH: dict[int, dict] = {}   # id(module) -> {id(model): weakref(model)} for every cached model holding it
 _FINAL: "weakref.WeakKeyDictionary[nn.Module, weakref.finalize]" = weakref.WeakKeyDictionary()
 _HOOKS: list = []
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()   # re-entrant: a model's finalizer (_unwatch) may run during a garbage collection
 
 
 def _registered(module: nn.Module, name: str, value: Any) -> None:
@@ -350,7 +350,7 @@ def _registered(module: nn.Module, name: str, value: Any) -> None:
     refs = _WATCH.get(id(module))
     if refs:
         with _LOCK:
-            stale = [r() for r in refs.values()]
+            stale = [r() for r in list(refs.values())]
         for m in stale:
             if m is not None:
                 _CACHE.pop(m, None)

@@ -134,9 +134,9 @@ def reference(model: nn.Module, x) -> dict:
 def _timm_order(model: nn.Module, used: list, coarse: bool) -> list:
     """`used` (parameters in order of first use), where timm declares its own grouping (`group_matcher`), ordered
     by when each parameter's timm group is used: the first use by which half of the group's elements have been used
-    (the splitter keeps timm's groups whole, where most of each lies). timm puts XCiT's `cls_token` (read after the
-    blocks) and VOLO's `pos_embed` (added after `network.1`) with the stem, whose patch embedding holds most of the
-    group, and EfficientViM's per-stage norms (read by the head only) and a RoPE's `freqs` (read by every block) with
+    (the splitter keeps timm's groups whole, where most of each lies), the group of the input layer at once (the
+    stem stays first). timm puts XCiT's `cls_token` (read after the blocks) and VOLO's `pos_embed` (added after
+    `network.1`) with the stem, and EfficientViM's per-stage norms (read by the head only) and a RoPE's `freqs` (read by every block) with
     the head."""
     if not (callable(getattr(model, "group_matcher", None)) and hasattr(model, "default_cfg")):
         return used
@@ -148,7 +148,8 @@ def _timm_order(model: nn.Module, used: list, coarse: bool) -> list:
     total: dict = {}
     for n, p in used:
         total[lid.get(n)] = total.get(lid.get(n), 0) + p.numel()
-    anchor, seen = {}, {}  # timm group -> rank of the first use by which half its elements are used
+    anchor, seen = {lid.get(used[0][0]): 0}, {}  # timm group -> rank of the first use by which half its elements
+    # are used; the group of the input layer (timm's stem) at once: the splitter keeps it first
     for rank, (n, p) in enumerate(used):
         g = lid.get(n)
         seen[g] = seen.get(g, 0) + p.numel()
