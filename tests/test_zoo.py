@@ -46,6 +46,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 #: The sample of the suite (and CI) is fixed, so that an unrelated change never fails on a new sample; set
 #: FASTAI_GROUPS_ZOO_SEED=daily (today's date) or any integer to draw another sample (printed, to replay it).
+#: Seeds passed at issue 21: 20261202, 20261203, 20261204, 1, 7, 42.
 _SEED = os.environ.get("FASTAI_GROUPS_ZOO_SEED", "20261202")
 SEED = int(datetime.date.today().strftime("%Y%m%d") if _SEED == "daily" else _SEED)
 print(f"\nzoo seed: FASTAI_GROUPS_ZOO_SEED={SEED}")
