@@ -193,3 +193,51 @@ def run_zoo(ctx: Context, sec: Section) -> None:
     if slow is not None:
         sec.figures.append(Figure(f"slowest zoo cold split (`{slow}`)", fmt_time(after[slow][0]),
                                   cell(before.get(slow), 0), "", "< 1 s", after[slow][0] < 1.0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cost per block with depth (issue 21): torchvision ResNets, then CIFAR ResNets up to 1,002 blocks
+# ----------------------------------------------------------------------------------------------------------------
+def cifar_resnet(n: int):
+    "A CIFAR ResNet of 6n+2 layers (3n BasicBlocks) on the meta device."
+    import torch
+    from torch import nn
+    from torchvision.models.resnet import BasicBlock
+
+    def stage(cin, cout, stride):
+        down = None if stride == 1 and cin == cout else \
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        return nn.Sequential(BasicBlock(cin, cout, stride, down), *[BasicBlock(cout, cout) for _ in range(n - 1)])
+    with torch.device("meta"):
+        return nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                             stage(16, 16, 1), stage(16, 32, 2), stage(32, 64, 2),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+DEPTHS = [("resnet18", 8), ("resnet50", 16), ("resnet152", 50), ("cifar:18", 54), ("cifar:90", 270),
+          ("cifar:200", 600), ("cifar:334", 1002)]
+
+
+def depth_times(cold_reps: int = 2, warm_reps: int = 20) -> list:
+    "[(name, blocks, cold s, warm s)]: min of cold splits on fresh instances, median of warm ones."
+    import torch
+    from fastai_groups import auto_splitter, instantiate
+    torch.set_num_threads(1)
+    auto_splitter(instantiate("resnet18"))
+    out = []
+    for name, blocks in DEPTHS:
+        make = (lambda: cifar_resnet(int(name[6:]))) if name.startswith("cifar:") else (lambda: instantiate(name))
+        cold = []
+        for _ in range(cold_reps):
+            model = make()
+            t = time.perf_counter()
+            auto_splitter(model)
+            cold.append(time.perf_counter() - t)
+        warm = []
+        for _ in range(warm_reps):
+            t = time.perf_counter()
+            auto_splitter(model)
+            warm.append(time.perf_counter() - t)
+        label = f"CIFAR ResNet-{6 * int(name[6:]) + 2}" if name.startswith("cifar:") else name
+        out.append((label, blocks, min(cold), median(warm)))
+    return out

@@ -41,6 +41,10 @@ Patches of torch and fastai, all of them (why, and when each can go):
   are meta stand-ins (`_meta.meta_copy`), and the hooks record only that copy's modules: another thread can keep
   running the model (or any other) meanwhile. Goes when meta kernels are cheap and hooks can be scoped to one
   model tree.
+- `structure.find_structure`'s cache: torch's global registration hooks (`register_module_module_registration_hook`
+  and the parameter / buffer ones) are installed on the first split and stay; they only drop the cached structure of
+  a model whose module gets a new submodule, parameter or buffer (not a patch: torch calls them on every
+  registration). Goes if torch gives modules a structure version to compare.
 - fastai 2.8 runs `torch.jit.script` at import time, which recent torch deprecates: that one `FutureWarning` is
   filtered (by message). Goes with fastai's next release.
 """

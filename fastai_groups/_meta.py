@@ -16,9 +16,9 @@ meta forwards at candidate input sizes (private: shared by arch, structure and b
 from __future__ import annotations
 
 import contextlib
-import copy
 import sys
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -451,29 +451,48 @@ def _shape_only(name: str, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     return None
 
 
+_PLAIN = frozenset((int, float, bool, str, bytes, type(None), torch.dtype, torch.device))
+
+
 def meta_copy(model: nn.Module) -> tuple[nn.Module, dict]:
     """A structural copy of `model` for tracing: new module objects whose parameters and buffers are meta stand-ins
     (one per tensor, so tied weights and shared modules stay shared; no tensor data copied) and without the model's
     hooks. A forward of the copy never touches `model`, which another thread may be running. Returns the copy and
-    `{id(stand-in): original tensor}`.
+    `{id(stand-in): original tensor}`. Each module's attributes are copied one level deep (dicts, lists, sets: a
+    forward that fills a cache fills the copy's), modules they name are the copies: linear in the number of modules
+    (`copy.deepcopy` was most of a cold split).
 
     >>> m = nn.Linear(2, 3); c, _ = meta_copy(m)
     >>> c.weight.device.type, m.weight.device.type
     ('meta', 'cpu')
     """
-    memo: dict = {}
-    originals: dict = {}
-    for m in model.modules():
-        for store in (m._parameters, m._buffers):
-            for t in store.values():
-                if t is not None and id(t) not in memo:
-                    mt = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-                    stand = nn.Parameter(mt, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else mt
-                    memo[id(t)], originals[id(stand)] = stand, t
-        for k, v in vars(m).items():                        # forward/backward/state-dict hooks: left behind
-            if k.endswith("hooks") and isinstance(v, dict):
-                memo[id(v)] = type(v)()
-    return copy.deepcopy(model, memo), originals
+    stand, originals, copies = {}, {}, {}
+
+    def tensor(t):
+        if t is not None and id(t) not in stand:
+            mt = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+            stand[id(t)] = nn.Parameter(mt, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else mt
+            originals[id(stand[id(t)])] = t
+        return None if t is None else stand[id(t)]
+
+    def value(v):
+        if type(v) in _PLAIN:
+            return v
+        if isinstance(v, nn.Module):
+            return module(v)
+        if type(v) in (list, tuple, set):
+            return type(v)(value(x) for x in v)
+        return type(v)((k, value(x)) for k, x in v.items()) if type(v) in (dict, OrderedDict) else v
+
+    def module(m):
+        if id(m) not in copies:
+            c = copies[id(m)] = object.__new__(type(m))
+            d = {k: type(v)((n, tensor(t)) for n, t in v.items()) if k in ("_parameters", "_buffers") else
+                 type(v)() if k.endswith("hooks") and isinstance(v, dict) else value(v) for k, v in vars(m).items()}
+            object.__setattr__(c, "__dict__", d)     # (forward/backward/state-dict hooks left behind)
+        return copies[id(m)]
+
+    return module(model), originals
 
 
 def _run_trace(model: nn.Module, size: tuple, dtype: torch.dtype, fast: bool) -> Trace:

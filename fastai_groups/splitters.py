@@ -12,6 +12,7 @@ Groups per granularity:
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
@@ -127,11 +128,13 @@ def _block_groups(st: Structure) -> list[tuple[str, list]]:
     return groups
 
 
-def _timm_snap(model: nn.Module, groups: list[list[nn.Parameter]], coarse: bool,
-               has_head: bool) -> tuple[list[list[nn.Parameter]], list[set]]:
-    """Never cut a group of timm's own `group_matcher`: params of a timm group split across ours move together.
-    Returns the new groups and, for each, the indices of the groups its parameters came from."""
-    last = len(groups) - 1 if has_head else None
+def _timm_members(model: nn.Module, coarse: bool) -> list[list[nn.Parameter]]:
+    """The parameter groups timm's own `group_matcher` declares for `model` (and for any timm model inside it, as a
+    body), each a list of parameters; [] for a model that is not timm's.
+
+    >>> [len(g) for g in _timm_members(instantiate("timm:resnet18"), coarse=True)][:2]  # doctest: +SKIP
+    [3, 12]
+    """
     roots, inside = [], set()
     for name, m in model.named_modules():
         if name in inside or any(name.startswith(r + ".") for r, _ in roots if r):
@@ -140,14 +143,13 @@ def _timm_snap(model: nn.Module, groups: list[list[nn.Parameter]], coarse: bool,
             roots.append((name, m))
             if not name:
                 break
-    unchanged = (groups, [{g} for g in range(len(groups))])
     if not roots:
-        return unchanged
+        return []
     try:
         from timm.models._manipulate import group_with_matcher
     except ImportError:
-        return unchanged
-    where = {id(p): g for g, ps in enumerate(groups) for p in ps}
+        return []
+    out = []
     for name, m in roots:
         try:
             try:
@@ -158,22 +160,59 @@ def _timm_snap(model: nn.Module, groups: list[list[nn.Parameter]], coarse: bool,
         except Exception as e:
             warnings.warn(f"auto_splitter: timm's group_matcher of {type(m).__name__} ({name or 'the model'}) failed "
                           f"({type(e).__name__}: {e}); its groups are not checked against timm's. Pass your own "
-                          "splitter if they must follow timm's grouping", stacklevel=3)
+                          "splitter if they must follow timm's grouping", stacklevel=4)
             continue
         params = dict(m.named_parameters())
         members: dict[int, list] = {}
         for n, g in lid.items():
             members.setdefault(g, []).append(params[n])
-        for ps in members.values():
-            gs = {where[id(p)] for p in ps if id(p) in where}
-            if len(gs) > 1:
-                # the classifier stays last (a timm group holding it and a neck goes to the head);
-                # otherwise the group holding most of it wins (DenseNet transitions join their dense block)
-                size = {g: sum(p.numel() for p in ps if where.get(id(p)) == g) for g in gs}
-                target = last if last in gs else max(sorted(gs), key=lambda g: size[g])
-                for p in ps:
-                    if id(p) in where:
-                        where[id(p)] = target
+        out += list(members.values())
+    return out
+
+
+def _components(sets: list[list[nn.Parameter]]) -> list[list[nn.Parameter]]:
+    """Overlapping parameter sets joined (union-find by identity): what must end in one group.
+
+    >>> a, b, c = (nn.Parameter(torch.zeros(1)) for _ in range(3))
+    >>> [len(s) for s in _components([[a, b], [b, c], [c]])]
+    [3]
+    """
+    parent: dict[int, int] = {}
+
+    def find(k):
+        while parent.setdefault(k, k) != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+    for ps in sets:
+        for p in ps[1:]:
+            parent[find(id(p))] = find(id(ps[0]))
+    out: dict[int, dict] = {}
+    for ps in sets:
+        for p in ps:
+            out.setdefault(find(id(p)), {})[id(p)] = p
+    return [list(d.values()) for d in out.values()]
+
+
+def _snap(groups: list[list[nn.Parameter]], ties: list[list[nn.Parameter]],
+          classifier: list) -> tuple[list[list[nn.Parameter]], list[set]]:
+    """Never cut a tie (a group of timm's own `group_matcher`, blocks sharing a module): the parameters of a tie
+    split across our groups move together: to the head when the tie holds the `classifier` (the head's last
+    parameters: they stay last), to the first group when it holds some (the input layer stays first: VOLO's
+    `pos_embed`, added after `network.1`, stays in timm's stem with the patch embedding), else to the group holding
+    most of them (DenseNet transitions join their dense block). Returns the new groups and, for each, the indices of the groups its parameters came from."""
+    last = len(groups) - 1
+    where = {id(p): g for g, ps in enumerate(groups) for p in ps}
+    clf = {id(p) for p in classifier}
+    for ps in _components(ties):
+        gs = {where[id(p)] for p in ps if id(p) in where}
+        if len(gs) > 1:
+            size = {g: sum(p.numel() for p in ps if where.get(id(p)) == g) for g in gs}
+            held = last in gs and any(id(p) in clf for p in ps)
+            target = last if held else 0 if 0 in gs else max(sorted(gs), key=lambda g: size[g])
+            for p in ps:
+                if id(p) in where:
+                    where[id(p)] = target
     out: list[list] = [[] for _ in groups]
     sources: list[set] = [set() for _ in groups]
     for g, ps in enumerate(groups):
@@ -203,7 +242,7 @@ def auto_splitter(model: nn.Module, *, granularity: str = "stage", n_groups: Opt
         raise TypeError(f"auto_splitter takes a model (nn.Module), got {type(model).__name__}")
     model = unwrap_model(model)
     st = find_structure(model)
-    if not any(u.params for u in st.units):
+    if not st.has_params:
         raise ValueError(f"{type(model).__name__} has no parameters: there is nothing to split")
     if not st.traced:
         warnings.warn(f"auto_splitter could not run {type(model).__name__} on the meta device (its forward failed "
@@ -221,8 +260,10 @@ def auto_splitter(model: nn.Module, *, granularity: str = "stage", n_groups: Opt
         body = stem + [(f"stage{i + 1}", s) for i, s in enumerate(st.stages)]
     head = [("head", st.head)] if any(u.params for u in st.head) else []
     named = [(n, [p for u in us for p in u.params]) for n, us in body + head]
-    # timm models declare their own grouping: never cut one of its groups (then merge, which cannot cut either)
-    snapped, sources = _timm_snap(model, [g for _, g in named], coarse=granularity != "block", has_head=bool(head))
+    # timm models declare their own grouping and blocks may share a module: never cut one (merging cannot either)
+    ties = _timm_members(model, coarse=granularity != "block") + [[p for u in t for p in u.params] for t in st.ties]
+    classifier = next((u.params for u in reversed(st.head) if u.params), []) if head else []
+    snapped, sources = _snap([g for _, g in named], ties, classifier)
     emptied = {i for i, g in enumerate(snapped) if not g}
     names = []
     for i, src in enumerate(sources):  # a group that absorbed a whole emptied group takes its name too
@@ -230,6 +271,8 @@ def auto_splitter(model: nn.Module, *, granularity: str = "stage", n_groups: Opt
         names.append(named[span[0]][0] if len(span) == 1 else f"{named[span[0]][0]}-{named[span[-1]][0]}")
     named = [(n, g) for n, g in zip(names, snapped) if g]
     body, head = (named[:-1], named[-1:]) if head and named[-1][0].endswith("head") else (named, [])
+    if granularity != "block" and all(n == "head" for n, _ in head):   # (a head that absorbed stages: as found)
+        body = _own_names(model, body)
 
     if granularity == "fastai":
         body = _merge(body, min(2, len(body)))
@@ -242,6 +285,36 @@ def auto_splitter(model: nn.Module, *, granularity: str = "stage", n_groups: Opt
     groups = ParamGroups([g for _, g in named], names=_unique([n for n, _ in named]))
     st.memo[(granularity, n_groups)] = dict(zip(groups.names, [list(g) for g in groups]))
     return groups
+
+
+_OWN = re.compile(r"(?:^|\.)(?:stages\.(\d+)|stage(\d+)|layer(\d+))(?:\.|$)")
+
+
+def _own_names(model: nn.Module, body: list[tuple[str, list]]) -> list[tuple[str, list]]:
+    """Stage groups named by the model's own stage numbering where it has one: parameters under timm's `stages.N`,
+    HuggingFace's `encoder.stages.N`, torchvision's `layerN` or HRNet's `stageN` are in stage N, and a group is
+    `stageN` (or `stageA-stageB`) after the stages it holds, `stem-stageN` when it also holds what comes before
+    them. Used only when every group but a leading stem holds some, and no stage is split across groups; otherwise
+    the groups keep their names (`stageK`: the K-th run of blocks at one resolution, counted from 1).
+
+    >>> [n for n, _ in _own_names(timm.create_model("efficientvim_m2"), ...)]  # doctest: +SKIP
+    ['stem', 'stage0', 'stage1-stage2']
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    own = []
+    for _, ps in body:
+        found = [_OWN.search(names.get(id(p), "")) for p in ps]
+        own.append((sorted({int(next(g for g in m.groups() if g is not None)) for m in found if m}),
+                    any(m is None for m in found)))
+    if len(own) < 2 or any(not nums for nums, _ in own[1:]) or \
+            any(a[0][-1] >= b[0][0] for a, b in zip(own, own[1:]) if a[0]):
+        return body
+    out = []
+    for i, ((name, ps), (nums, other)) in enumerate(zip(body, own)):
+        stages = "" if not nums else f"stage{nums[0]}" + (f"-stage{nums[-1]}" if nums[-1] != nums[0] else "")
+        stem = "stem" if i == 0 and (other or not nums) else ""
+        out.append(("-".join(x for x in (stem, stages) if x), ps))
+    return out
 
 
 def _unique(names: list[str]) -> list[str]:

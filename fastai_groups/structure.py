@@ -11,7 +11,9 @@ warning naming them. `find_structure(model)` returns a `Structure`; the splitter
 """
 from __future__ import annotations
 
+import functools
 import math
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from ._meta import Trace, meta_trace
 from ._utils import CONTAINERS, NORMS
 from .arch import instantiate
 
-__all__ = ["Unit", "Structure", "find_structure"]
+__all__ = ["Unit", "Structure", "find_structure", "forget_structure"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -44,6 +46,7 @@ class Unit:
     order: float = math.inf           # forward order (first call)
     res: Optional[int] = None         # spatial size (H*W, or tokens) of its output; None if pooled/unknown
     executed: bool = False
+    shared: list = field(default_factory=list, repr=False)  # parameters it holds that another unit owns
 
     def __repr__(self) -> str:
         "`Unit('layer1.0', Bottleneck, block, 12 tensors, 75,008 elements, res=3136)`: no module, no tensors."
@@ -152,7 +155,11 @@ def _units(model: nn.Module, merging: frozenset = frozenset()) -> list[Unit]:
                 visit(c, f"{name}.{cname}" if name else cname, dominant, isinstance(m, CONTAINERS))
         else:
             block = shape.is_block(m) or merges and shape.param_owners(m) >= 2
-            units.append(Unit(name, m, own(m.parameters()), block=block, cls=type(m).__name__))
+            ps = list(m.parameters())
+            mine = own(ps)
+            ids = {id(p) for p in mine} if len(mine) < len(ps) else None
+            shared = [p for p in ps if id(p) not in ids] if ids is not None else []
+            units.append(Unit(name, m, mine, block=block, cls=type(m).__name__, shared=shared))
 
     visit(model, "", True)
     return units
@@ -203,6 +210,47 @@ def _place(units: list[Unit], rec: Trace) -> tuple[list[Unit], list[str]]:
     return out, notes
 
 
+def _share(units: list[Unit]) -> tuple[list[Unit], list[list[Unit]]]:
+    """Modules used in several places (timm's coat: conv position encodings registered on the root and called inside
+    every block of a stage) go where they are first used: each shared parameter moves to the unit, among those holding
+    it, that runs first. A block that also holds it is tied to that unit (a split that separated them would cut the
+    block). Units left without parameters by a move are dropped. Returns the units (forward order kept) and the ties.
+
+    >>> _share(find_structure("timm:coat_lite_tiny").units)[1][0]  # doctest: +SKIP
+    [Unit('serial_blocks1.0', SerialBlock, block, ...), Unit('serial_blocks1.1', SerialBlock, block, ...)]
+    """
+    holders: dict[int, list[Unit]] = {}
+    for u in units:
+        for p in u.shared:
+            holders.setdefault(id(p), []).append(u)
+    if not holders:
+        return units, []
+    owner = {id(p): u for u in units for p in u.params if id(p) in holders}
+    rank = {id(u): i for i, u in enumerate(units)}
+    parent = {id(u): u for u in units}
+
+    def root(u):
+        while parent[id(u)] is not u:
+            u = parent[id(u)]
+        return u
+    emptied = set()
+    for k, users in holders.items():
+        first = min([owner[k]] + users, key=lambda u: rank[id(u)])
+        if first is not owner[k]:
+            p = next(q for q in owner[k].params if id(q) == k)
+            owner[k].params = [q for q in owner[k].params if id(q) != k]
+            first.params.append(p)
+            emptied.add(id(owner[k]))
+        for u in users + [owner[k]]:
+            if u is not first and u.block and (u.params or id(u) not in emptied):
+                parent[id(root(u))] = root(first)
+    units = [u for u in units if u.params or id(u) not in emptied]
+    ties: dict[int, list[Unit]] = {}
+    for u in units:
+        ties.setdefault(id(root(u)), []).append(u)
+    return units, [t for t in ties.values() if len(t) > 1]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Structure: stem, stages, tail, head
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,9 +265,14 @@ class Structure:
     stem: list = field(default_factory=list)
     stages: list = field(default_factory=list)   # list of lists of units
     head: list = field(default_factory=list)
+    ties: list = field(default_factory=list)     # lists of units a split keeps together (they share a module)
     traced: bool = False      # a forward on meta tensors ran (at least partly)
     complete: bool = False    # ... and ran to the end
     memo: dict = field(default_factory=dict, repr=False, compare=False)  # the splitters' groups, per options
+
+    @functools.cached_property
+    def has_params(self) -> bool:
+        return any(u.params for u in self.units)
 
     @property
     def blocks(self) -> list:
@@ -251,21 +304,95 @@ def _parent(u: Unit) -> str:
 
 def find_structure(model: Any) -> Structure:
     """Stem, stages and head of `model` (any `arch` accepted by `instantiate`), without touching its weights.
+    Cached per model object until the model changes (`_Cached`): a warm call costs microseconds.
 
     >>> s = find_structure("resnet18"); [u.name for u in s.stem], len(s.stages), [u.name for u in s.head]
     (['conv1', 'bn1', 'relu', 'maxpool'], 4, ['avgpool', 'fc'])
     """
     model = instantiate(model)
-    key = (tuple(map(id, model.modules())), tuple(map(id, model.parameters())))
     hit = _CACHE.get(model)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    if hit is not None and hit.valid(model):
+        return hit.st
     st = _find_structure(model)
-    _CACHE[model] = (key, st)
+    _remember(model, st)
     return st
 
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+class _Cached:
+    """A structure cached for one model, and what tells it is still the model's: registering a module, parameter or
+    buffer anywhere in the model (`model.fc = nn.Linear(...)`, `model.layer1[0] = ...`, `add_module`,
+    `register_parameter`: torch's global registration hooks, `_registered`) drops it at once; at each call the
+    model's own children and its first and last parameter slots are compared (`del model.fc`, `to_empty()` and other
+    conversions that rebuild the parameters). Edits behind `nn.Module`'s back below the root (writing `_modules`
+    directly) are not seen: `forget_structure(model)`."""
+
+    __slots__ = ("st", "children", "ends")
+
+    def __init__(self, model: nn.Module, st: Structure):
+        owners = [m for m in model.modules() if m._parameters]
+        self.st, self.children = st, tuple(model._modules.values())
+        self.ends = [(m._parameters, n, p) for m in dict.fromkeys(owners[:1] + owners[-1:])
+                     for n, p in m._parameters.items()]
+
+    def valid(self, model: nn.Module) -> bool:
+        return tuple(model._modules.values()) == self.children and all(d.get(n) is p for d, n, p in self.ends)
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, _Cached]" = weakref.WeakKeyDictionary()
+_WATCH: dict[int, dict] = {}   # id(module) -> {id(model): weakref(model)} for every cached model holding it
+_FINAL: "weakref.WeakKeyDictionary[nn.Module, weakref.finalize]" = weakref.WeakKeyDictionary()
+_HOOKS: list = []
+_LOCK = threading.RLock()   # re-entrant: a model's finalizer (_unwatch) may run during a garbage collection
+
+
+def _registered(module: nn.Module, name: str, value: Any) -> None:
+    "Torch's registration hook: a module, parameter or buffer was set on `module`; models holding it are re-traced."
+    refs = _WATCH.get(id(module))
+    if refs:
+        with _LOCK:
+            stale = [r() for r in list(refs.values())]
+        for m in stale:
+            if m is not None:
+                _CACHE.pop(m, None)
+    return None
+
+
+def _remember(model: nn.Module, st: Structure) -> None:
+    "Cache `st` for `model` and watch its modules (hooks installed on first use; entries removed with the model)."
+    with _LOCK:
+        if not _HOOKS:
+            from torch.nn.modules import module as _mod
+            _HOOKS.extend([_mod.register_module_module_registration_hook(_registered),
+                           _mod.register_module_parameter_registration_hook(_registered),
+                           _mod.register_module_buffer_registration_hook(_registered)])
+    old = _FINAL.get(model)
+    if old is not None:
+        old()                                   # the previous structure's watch entries go now
+    ids, key, ref = [id(m) for m in model.modules()], id(model), weakref.ref(model)
+    with _LOCK:
+        for i in ids:
+            _WATCH.setdefault(i, {})[key] = ref
+    _CACHE[model] = _Cached(model, st)
+    _FINAL[model] = weakref.finalize(model, _unwatch, ids, key)
+
+
+def _unwatch(ids: list, key: int) -> None:
+    with _LOCK:
+        for i in ids:
+            d = _WATCH.get(i)
+            if d is not None:
+                d.pop(key, None)
+                if not d:
+                    del _WATCH[i]
+
+
+def forget_structure(model: nn.Module) -> None:
+    """Drop the structure cached for `model` (after editing its module tree behind `nn.Module`'s back).
+
+    >>> m = nn.Sequential(nn.Linear(2, 2)); _ = find_structure(m); forget_structure(m); m in _CACHE
+    False
+    """
+    _CACHE.pop(model, None)
 
 
 def _find_structure(model: nn.Module) -> Structure:
@@ -273,7 +400,8 @@ def _find_structure(model: nn.Module) -> Structure:
     units = _units(model, frozenset(rec.merging))
     traced, complete = bool(rec.how), rec.how == "complete"
     units, notes = _place(units, rec)
-    st = Structure(units=units, traced=traced, complete=complete)
+    units, ties = _share(units)
+    st = Structure(units=units, ties=ties, traced=traced, complete=complete)
     if traced and not complete and notes:
         e, msg = rec.error, str(rec.error).splitlines()[0][:120] if str(rec.error) else ""
         where = next((n for n, m in model.named_modules() if m is rec.failed_in), None) if rec.failed_in else None
