@@ -1,8 +1,6 @@
 """find_structure (issue 21): modules shared by several places, the cache and when it is dropped, cost per block."""
 from __future__ import annotations
 
-import statistics
-import time
 
 import pytest
 import torch
@@ -148,29 +146,7 @@ def _cifar_resnet(n: int) -> nn.Module:
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
 
 
-def _cold_warm(make, reps: int = 2, warm_reps: int = 20) -> tuple[float, float]:
-    cold, warm = [], []
-    for _ in range(reps):
-        model = make()
-        t = time.perf_counter()
-        auto_splitter(model)
-        cold.append(time.perf_counter() - t)
-    for _ in range(warm_reps):
-        t = time.perf_counter()
-        auto_splitter(model)
-        warm.append(time.perf_counter() - t)
-    return min(cold), statistics.median(warm)
-
-
-@pytest.mark.slow
-def test_cost_grows_linearly_with_depth():
-    "A 600-block ResNet splits as fast per block as a 9-block one (cold), and a warm call does not walk the model."
-    torch.set_num_threads(1)
-    auto_splitter(_cifar_resnet(1))
-    small_cold, small_warm = _cold_warm(lambda: _cifar_resnet(3))
-    deep_cold, deep_warm = _cold_warm(lambda: _cifar_resnet(200), reps=1)
-    per_small, per_deep = small_cold / 9, deep_cold / 600
-    assert per_deep < 3 * per_small, f"cold per block: {per_deep * 1e3:.2f} ms deep, {per_small * 1e3:.2f} ms shallow"
-    assert deep_warm < max(3 * small_warm, 3e-4), f"warm: {deep_warm * 1e3:.2f} ms deep, {small_warm * 1e3:.2f} shallow"
+def test_a_600_block_resnet_splits_into_its_stages():
+    "A CIFAR ResNet of 1,202 layers (600 blocks): stem, 3 stages, head (its split time per block is in bench/)."
     groups = auto_splitter(_cifar_resnet(200))
     assert groups.names == ["stem", "stage1", "stage2", "stage3", "head"]
