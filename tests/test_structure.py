@@ -11,6 +11,7 @@ from torchvision.models.resnet import BasicBlock
 from fastai_groups import GRANULARITIES, auto_splitter, check_groups, find_structure
 from fastai_groups.structure import forget_structure
 
+from bench.splitter import cifar_resnet    # the bench times the same models
 from test_zoo import check_zoo_model
 
 
@@ -134,19 +135,7 @@ def test_cache_dropped_when_the_model_changes_otherwise():
     assert find_structure(model) is not st
 
 
-def _cifar_resnet(n: int) -> nn.Module:
-    "A CIFAR ResNet of 6n+2 layers (3n BasicBlocks), on the meta device."
-    def stage(cin, cout, stride):
-        down = None if stride == 1 and cin == cout else \
-            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        return nn.Sequential(BasicBlock(cin, cout, stride, down), *[BasicBlock(cout, cout) for _ in range(n - 1)])
-    with torch.device("meta"):
-        return nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                             stage(16, 16, 1), stage(16, 32, 2), stage(32, 64, 2),
-                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-
-
 def test_a_600_block_resnet_splits_into_its_stages():
     "A CIFAR ResNet of 1,202 layers (600 blocks): stem, 3 stages, head (its split time per block is in bench/)."
-    groups = auto_splitter(_cifar_resnet(200))
+    groups = auto_splitter(cifar_resnet(200))
     assert groups.names == ["stem", "stage1", "stage2", "stage3", "head"]

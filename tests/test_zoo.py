@@ -242,6 +242,7 @@ HF_UNBUILDABLE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", [t for t in _hf_types() if t not in HF_UNBUILDABLE])
 def test_hf(model_type):
     pytest.importorskip("transformers")
@@ -269,6 +270,7 @@ def _smp_names() -> list[str]:
     return fixed + sorted(random.Random(SEED).sample(rest, min(N_SMP, len(rest))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _smp_names())
 def test_smp_encoder(name):
     import segmentation_models_pytorch as smp
@@ -293,6 +295,7 @@ def _clip_names() -> list[str]:
     return fixed + sorted(random.Random(SEED).sample(rest, min(N_CLIP, len(rest))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _clip_names())
 def test_open_clip_visual(name):
     import open_clip
@@ -316,6 +319,7 @@ def _timm_names() -> list[str]:
     return sorted(random.Random(SEED).sample(names, min(N_TIMM, len(names))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _timm_names())
 def test_timm_not_smallest(name):
     import timm
