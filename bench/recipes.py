@@ -663,6 +663,13 @@ def report(rows, quick: bool = False) -> Section:
             for arch in SCALE_ARCHS:
                 if any(r["arch"] == arch and r["stage"] == "scale" for r in rows):
                     sec.add(f"*{arch}*:", "", *scale_table(rows, arch), "")
+            if not RESULTS_GPU.exists():
+                sec.add("No GPU was lent while the curve was measured, and the whole training set (5,950 per class) "
+                        "was not run on CPU (about 45 minutes per run on one core). On a machine with a GPU, "
+                        "`python -m bench recipes` runs those settings (every variant, lite0 and lite1, seeds 0-2) with "
+                        "mixed precision and channels-last into `bench/results/recipes_gpu.csv` and adds their table "
+                        "(images/s follow from the rows' seconds); `python -m bench gpu` measures images/s of frozen "
+                        "and unfrozen epochs.", "")
             sec.add("What the curve says (generated from the rows):", "", *scale_findings(rows))
             for arch in SCALE_ARCHS:
                 gaps = unfreeze_gap(rows, arch)
