@@ -42,9 +42,10 @@ __all__ = ["fine_tune_groups", "recipe_plan", "reestimate_norm_stats", "Reestima
 #: (forward + backward through the body). Conservative: measured 0.30-0.35 on tf_efficientnet_lite0 on CPU.
 FORWARD_COST = 0.5
 #: Training images per class from which the default plan unfreezes the body after the head phase (`recipe_plan`).
-#: From the scale curve of the study (BENCHMARKS.md, `recipes`): unfreezing lost to the head-only phase at every size
-#: measured (50 to 1,000 per class), by less as data grew; a line through that gap crosses zero at about 3,400 per
-#: class. An extrapolation: above it the unfrozen phase is tried and kept only if validation improves.
+#: From the scale curve of the study (BENCHMARKS.md, `recipes`): the unfrozen phase lost to the head-only phase at
+#: every size measured (50 to 1,000 per class, lite0), by less as data grew; a line through that gap in log(images
+#: per class) crosses zero at 1,700 to 3,400 per class depending on the seeds included. An extrapolation, so above
+#: it the unfrozen phase is tried and kept only if validation improves.
 UNFREEZE_FROM = 3000
 #: Default `base_lr` of the recipe (picked by the study).
 DEFAULT_LR = 2e-3
@@ -353,14 +354,13 @@ def _check_learner(learn: Learner, fit_cbs) -> Optional[float]:
     return len(dl.dataset) / n_classes if n_classes else None
 
 
-def _monitor(learn: Learner) -> tuple[str, int, bool]:
-    """(name, index in `recorder.values[-1]`, higher is better) of what decides a phase: the first metric, else the
-    validation loss (fastai's `TrackerCallback` rule: lower is better for a loss or an error)."""
+def _monitor(learn: Learner) -> tuple[str, bool]:
+    """(name, higher is better) of what decides a phase: the first metric, else the validation loss (fastai's
+    `TrackerCallback` rule: lower is better for a loss or an error)."""
     names = list(learn.recorder.metric_names[1:-1])     # train_loss, valid_loss, metrics..., (time dropped)
     if len(names) > 2:
-        name = names[2]
-        return name, 2, not ("loss" in name or "error" in name)
-    return "valid_loss", 1, False
+        return names[2], not ("loss" in names[2] or "error" in names[2])
+    return "valid_loss", False
 
 
 def _result(learn: Learner) -> dict:
@@ -516,7 +516,7 @@ def fine_tune_groups(learn: Learner, epochs: int, base_lr: float = DEFAULT_LR, h
             plan["unfrozen_epochs"] = 0
         plan["result"] = head
         if plan["unfrozen_epochs"]:
-            name, _, higher = _monitor(learn)
+            name, higher = _monitor(learn)
             before = _snapshot(learn)
             learn.unfreeze()
             lr = base_lr / 2

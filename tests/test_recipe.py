@@ -377,3 +377,18 @@ def test_one_cycle_options_reach_every_phase(image_folder):
         lrs = h[(h["fit"] == fit) & (h["group"] == h["group"].max())]["lr"].to_numpy()
         assert lrs[0] == pytest.approx(lrs.max() / 10, rel=1e-3)        # div=10 in both phases
     assert plan["unfrozen_epochs"] == 1
+
+
+def test_an_unfrozen_phase_that_helps_is_kept(image_folder, capsys):
+    "A random body barely helps its head; six unfrozen epochs lower the validation loss, so they are kept."
+    set_seed(0, reproducible=True)
+    learn = group_learner(make_dls(image_folder, aug=False), tiny_cnn(), pretrained=True, train_bn=False,
+                          cbs=[GroupLogger(show_table=False)])       # no metric: the validation loss decides
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)                     # no roll-back warning
+        plan = learn.fine_tune_groups(1, base_lr=1e-2, head_epochs=1, unfrozen_epochs=6, lr_mult=1)
+    out = capsys.readouterr().out
+    assert plan["rolled_back"] == [] and plan["result"]["valid_loss"] < float(
+        learn.group_logger.epochs.query("fit == 0")["valid_loss"].iloc[-1])
+    assert "fine_tune_groups: unfrozen phase kept (validation valid_loss " in out
+    assert all(p.requires_grad for p in learn.model.parameters())
