@@ -503,7 +503,11 @@ def scale_findings(rows) -> list[str]:
             if head is not None and unf:
                 b = max(unf, key=unf.get)
                 parts.append(f"best unfrozen phase {unf[b] * 100:.1f}% ({b.split(', ')[-1]}) vs head only "
-                             f"{head * 100:.1f}%: unfreezing {'helped' if unf[b] > head else 'did not help'}")
+                             f"{head * 100:.1f}%: the recipe's unfrozen phase (head 4 + unfrozen 2) "
+                             f"{'helped' if unf[b] > head else 'did not help'}")
+            if head is not None and "gradual (GradualUnfreeze, 4 epochs)" in acc:
+                g = acc["gradual (GradualUnfreeze, 4 epochs)"]
+                parts.append(f"GradualUnfreeze {g * 100:.1f}%: {'above' if g > head else 'below'} head only")
             if "head 4 + unfrozen 2, lr_mult 1" in unf and len(unf) > 1:
                 flat = unf["head 4 + unfrozen 2, lr_mult 1"]
                 disc = max(a for v, a in unf.items() if v != "head 4 + unfrozen 2, lr_mult 1")

@@ -44,8 +44,8 @@ FORWARD_COST = 0.5
 #: Training images per class from which the default plan unfreezes the body after the head phase (`recipe_plan`).
 #: From the scale curve of the study (BENCHMARKS.md, `recipes`): the unfrozen phase lost to the head-only phase at
 #: every size measured (50 to 1,000 per class, lite0), by less as data grew; a line through that gap in log(images
-#: per class) crosses zero at 1,700 to 3,400 per class depending on the seeds included. An extrapolation, so above
-#: it the unfrozen phase is tried and kept only if validation improves.
+#: per class) crosses zero at 1,700 to 4,100 per class depending on the seeds included. A weak extrapolation, so
+#: above it the unfrozen phase is tried and kept only if validation improves.
 UNFREEZE_FROM = 3000
 #: Default `base_lr` of the recipe (picked by the study).
 DEFAULT_LR = 2e-3
